@@ -1,0 +1,278 @@
+"""The agent's configuration: one YAML file, validated once at start.
+
+Every error names the field and the device or machine, e.g.
+``machines[1].meter: unknown meter 'pm-7' (known: pm-1, pm-2)``. Nothing fails at poll
+time because of configuration. ``energy-agent schema`` prints the JSON Schema of this model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import ConfigError
+from drivers.profile import MeterProfile, NodeMap, format_validation, load_nodemap, load_profile
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmissionFactor(_Model):
+    """A declared grid emission factor, with everything a verifier asks about it."""
+
+    value: float = Field(gt=0, description="kg CO2e per kWh")
+    unit: Literal["kgCO2e/kWh"] = "kgCO2e/kWh"
+    authority: str = Field(description="who publishes it, e.g. 'Vietnam MONRE, Department of Climate Change'")
+    document: str = Field(description="the publication, e.g. a letter or notice number")
+    region: str = Field(description="grid region, e.g. 'VN' or 'CN'")
+    year: int = Field(ge=1990, le=2100, description="data year of the factor")
+    method: str = Field("", description="e.g. 'CDM grid tool, combined margin'")
+    basis: Literal["location", "market"] = Field(description="GHG Protocol Scope 2 basis")
+    valid_from: date | None = None
+    valid_to: date | None = None
+
+    @model_validator(mode="after")
+    def _dates(self) -> "EmissionFactor":
+        if self.valid_from and self.valid_to and self.valid_to < self.valid_from:
+            raise ValueError("valid_to is before valid_from")
+        return self
+
+
+class Calibration(_Model):
+    certificate: str | None = None
+    valid_until: date | None = None
+
+
+class MeterDevice(_Model):
+    id: str = Field(pattern=_ID)
+    transport: Literal["tcp", "rtu-over-tcp"] = "tcp"
+    host: str
+    port: int = Field(502, ge=1, le=65535)
+    unit_id: int = Field(1, ge=0, le=247)
+    profile: str = Field(description="built-in profile name or path to a profile .yaml")
+    poll_interval_s: float = Field(1.0, gt=0, le=3600)
+    timeout_s: float = Field(1.0, gt=0, le=60)
+    retries: int = Field(1, ge=0, le=10)
+    accuracy: str | None = Field(None, description="accuracy class, e.g. 'IEC 62053-21 class 1'")
+    calibration: Calibration | None = None
+    boundary: str | None = Field(None, description="which loads the meter covers")
+
+
+class CncDevice(_Model):
+    id: str = Field(pattern=_ID)
+    endpoint: str = Field(pattern=r"^opc\.tcp://", description="opc.tcp://host:port[/path]")
+    node_map: str = Field("opc40502", description="built-in node map name or path to a .yaml")
+    params: dict[str, str] = Field(default_factory=dict, description="values for the node map's {placeholders}")
+    mode: Literal["subscribe", "poll"] = "subscribe"
+    interval_s: float = Field(0.5, gt=0, le=60, description="subscription publishing / poll interval")
+    timeout_s: float = Field(4.0, gt=0, le=60)
+    timestamps: Literal["source", "received"] = Field(
+        "source", description="place changes at the server's SourceTimestamp (clamped to when they were seen) or at receipt"
+    )
+
+
+class ProgramInfo(_Model):
+    product: str | None = None
+    subassembly: str | None = None
+
+
+class Machine(_Model):
+    id: str = Field(pattern=_ID)
+    meter: str
+    cnc: str | None = None
+    emission_factor: str
+    description: str = ""
+    programs: dict[str, ProgramInfo] = Field(
+        default_factory=dict, description="product/subassembly per program, where the CNC does not send them"
+    )
+    standby_below_w: float | None = Field(None, ge=0, description="'ready' below this power counts as standby")
+    off_below_w: float | None = Field(None, ge=0, description="below this power the machine counts as off")
+    max_gap_s: float | None = Field(
+        None, gt=0, description="meter silence longer than this is a gap (default: 5 poll intervals)"
+    )
+    close_timeout_s: float | None = Field(
+        None, gt=0, description="how long a finished job waits for the next meter sample (default: 10 poll intervals)"
+    )
+
+
+class ClockConfig(_Model):
+    speed: float = Field(1.0, gt=0, le=1000, description="simulated plants only: time runs this many times faster")
+    anchor: datetime | None = Field(None, description="wall instant from which a scaled clock runs fast")
+
+    @model_validator(mode="after")
+    def _anchor(self) -> "ClockConfig":
+        if self.speed != 1.0 and self.anchor is None:
+            raise ValueError("a clock speed other than 1 needs an anchor")
+        return self
+
+    def anchor_s(self) -> float:
+        if self.anchor is None:
+            return 0.0
+        a = self.anchor if self.anchor.tzinfo else self.anchor.replace(tzinfo=timezone.utc)
+        return a.timestamp()
+
+
+class LedgerConfig(_Model):
+    path: Path = Path("var/ledger.db")
+
+
+class MqttConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = Field(None, description="default: energy-agent-<site>-<agent_id>")
+    topic_prefix: str = Field("energy/v1", description="records go to <prefix>/<site>/<agent>/<machine>/record")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    publish_timeout_s: float = Field(10.0, gt=0)
+    max_inflight: int = Field(100, ge=1, le=65535)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if any(c in v for c in "#+") or v.startswith("/") or v.endswith("/") or not v:
+            raise ValueError("topic_prefix must be a plain topic without wildcards or leading/trailing '/'")
+        return v
+
+
+class InfluxConfig(_Model):
+    api: Literal["v1", "v2"] = Field("v1", description="v1: POST /write (InfluxDB 1.x); v2: /api/v2/write")
+    url: str = Field(pattern=r"^https?://")
+    database: str | None = Field(None, description="v1: database")
+    retention_policy: str | None = None
+    org: str | None = Field(None, description="v2: organisation")
+    bucket: str | None = Field(None, description="v2: bucket")
+    token_env: str | None = Field(None, description="v2: name of the environment variable holding the token")
+    measurement: str = "job_energy"
+    timeout_s: float = Field(10.0, gt=0)
+    subscription: str = Field(
+        "energy/v1/+/+/+/record", description="MQTT topic filter the bridge subscribes to"
+    )
+    client_id: str | None = Field(None, description="bridge MQTT client id (default energy-bridge-<site>)")
+
+    @model_validator(mode="after")
+    def _target(self) -> "InfluxConfig":
+        if self.api == "v1" and not self.database:
+            raise ValueError("api v1 needs database")
+        if self.api == "v2" and not (self.org and self.bucket):
+            raise ValueError("api v2 needs org and bucket")
+        return self
+
+
+class Config(_Model):
+    site: str = Field(pattern=_ID, description="plant or site id, part of every topic and record")
+    agent_id: str = Field(pattern=_ID, description="this gateway's id")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    clock: ClockConfig = Field(default_factory=ClockConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    emission_factors: dict[str, EmissionFactor]
+    meters: list[MeterDevice] = Field(default_factory=list)
+    cncs: list[CncDevice] = Field(default_factory=list)
+    machines: list[Machine]
+    mqtt: MqttConfig | None = None
+    influx: InfluxConfig | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> "Config":
+        seen: dict[str, str] = {}
+        for kind, items in (("meters", self.meters), ("cncs", self.cncs), ("machines", self.machines)):
+            for i, item in enumerate(items):
+                where = f"{kind}[{i}].id"
+                key = item.id if kind != "machines" else "machine:" + item.id
+                if key in seen:
+                    raise ValueError(f"{where}: duplicate id {item.id!r} (also {seen[key]})")
+                seen[key] = where
+        meters = {m.id for m in self.meters}
+        cncs = {c.id for c in self.cncs}
+        used: dict[str, str] = {}
+        for i, m in enumerate(self.machines):
+            if m.meter not in meters:
+                raise ValueError(f"machines[{i}].meter: unknown meter {m.meter!r} (known: {_known(meters)})")
+            if m.meter in used:
+                raise ValueError(f"machines[{i}].meter: meter {m.meter!r} is already assigned to machine {used[m.meter]!r}")
+            used[m.meter] = m.id
+            if m.cnc is not None and m.cnc not in cncs:
+                raise ValueError(f"machines[{i}].cnc: unknown cnc {m.cnc!r} (known: {_known(cncs)})")
+            if m.emission_factor not in self.emission_factors:
+                raise ValueError(
+                    f"machines[{i}].emission_factor: unknown factor {m.emission_factor!r} "
+                    f"(declared: {_known(self.emission_factors)})"
+                )
+        return self
+
+    def meter(self, id_: str) -> MeterDevice:
+        return next(m for m in self.meters if m.id == id_)
+
+    def cnc(self, id_: str) -> CncDevice:
+        return next(c for c in self.cncs if c.id == id_)
+
+    def config_hash(self) -> str:
+        """SHA-256 of the validated configuration (comments and key order do not count)."""
+        body = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _known(ids) -> str:
+    return ", ".join(sorted(ids)) or "none"
+
+
+class Loaded:
+    """A validated configuration with its profiles and node maps loaded."""
+
+    def __init__(self, config: Config, base: Path):
+        self.config = config
+        self.base = base
+        self.profiles: dict[str, MeterProfile] = {}
+        self.nodemaps: dict[str, NodeMap] = {}
+        self.node_ids: dict[str, dict[str, str]] = {}
+        for i, m in enumerate(config.meters):
+            try:
+                self.profiles[m.id] = load_profile(m.profile, base)
+            except ConfigError as exc:
+                raise ConfigError(f"meters[{i}].profile ({m.id}): {exc}") from None
+        for i, c in enumerate(config.cncs):
+            try:
+                nm = load_nodemap(c.node_map, base)
+                self.nodemaps[c.id] = nm
+                self.node_ids[c.id] = nm.resolve(c.params)
+            except ConfigError as exc:
+                raise ConfigError(f"cncs[{i}].node_map ({c.id}): {exc}") from None
+            except ValueError as exc:
+                raise ConfigError(f"cncs[{i}].params ({c.id}): {exc}") from None
+
+
+def parse(data: object, base: Path = Path(".")) -> Loaded:
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation(exc)) from None
+    return Loaded(cfg, base)
+
+
+def load(path: str | Path) -> Loaded:
+    """Read, validate and resolve a config file; raise ConfigError naming what is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse(data, p.parent)
+
+
+def json_schema() -> dict:
+    return Config.model_json_schema()
+
+
