@@ -1,0 +1,52 @@
+# energy-agent — set-up, demo and tests on Debian/Ubuntu.
+#   make demo   venv + packages, then a simulated plant end to end (table read back from InfluxDB)
+#   make test   the same set-up, then the whole test suite against real services
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages: the services the demo and the tests start on loopback (never as system services).
+APT_PACKAGES := python3 python3-venv mosquitto influxdb victoria-metrics socat
+SERVICE_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/victoria-metrics
+
+.PHONY: demo test bench sysdeps venv clean
+
+demo: venv
+	$(BIN)/energy-agent demo
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+venv: sysdeps $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Installs what is missing, as root. Services are installed with a policy-rc.d that keeps
+# apt from starting them: the demo and the tests run their own instances on free ports.
+sysdeps:
+	@missing=0; \
+	for b in $(SERVICE_BINARIES); do [ -x $$b ] || missing=1; done; \
+	command -v socat >/dev/null || missing=1; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "missing system packages; as root run: apt-get update && apt-get install -y $(APT_PACKAGES)"; exit 1; \
+	  fi; \
+	  added_policy=0; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; added_policy=1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); rc=$$?; \
+	  [ $$added_policy = 1 ] && rm -f /usr/sbin/policy-rc.d; \
+	  exit $$rc; \
+	fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

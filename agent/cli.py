@@ -1,0 +1,222 @@
+"""``energy-agent``: run the agent or the bridge, serve simulators, inspect configs and ledgers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from agent import __version__
+from agent.errors import AgentError, ConfigError
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("asyncua", "pymodbus"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+
+
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
+    """Run ``main(stop)`` until SIGINT/SIGTERM sets ``stop``."""
+
+    async def runner() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    result = asyncio.run(runner())
+    return result if isinstance(result, int) else 0
+
+
+def _load(path: str):
+    from agent import config
+
+    loaded = config.load(path)
+    return loaded
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    _setup_logging(args.log_level or loaded.config.log_level)
+    from agent.runtime import Agent
+
+    agent = Agent(loaded)
+    return _serve(agent.run)
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    _setup_logging(args.log_level or loaded.config.log_level)
+    from agent.bridge import run_bridge
+
+    return _serve(lambda stop: run_bridge(loaded, stop))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    cfg = loaded.config
+    print(f"{args.file}: OK — site {cfg.site}, agent {cfg.agent_id}: {len(cfg.machines)} machines, "
+          f"{len(cfg.meters)} meters, {len(cfg.cncs)} CNCs; config hash {cfg.config_hash()[:16]}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from agent.config import json_schema
+
+    json.dump(json_schema(), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+JOB_COLUMNS = ("machine", "seq", "job", "program", "serial", "start", "end", "kwh", "kgco2e", "method", "coverage")
+
+
+def _job_row(r: dict) -> dict:
+    return {
+        "machine": r["machine"], "seq": r["seq"], "job": r["job"]["key"], "program": r["job"]["program"] or "",
+        "serial": r["job"]["serial"] or "", "start": r["start"], "end": r["end"],
+        "kwh": f"{r['energy']['kwh']:.6f}", "kgco2e": f"{r['emissions']['kgco2e']:.6f}",
+        "method": r["energy"]["method"], "coverage": f"{r['quality']['coverage']:.4f}",
+    }
+
+
+def print_table(rows: list[dict], columns: tuple[str, ...] | list[str], out=sys.stdout) -> None:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+    out.write("  ".join(c.ljust(widths[c]) for c in columns) + "\n")
+    for r in rows:
+        out.write("  ".join(str(r[c]).ljust(widths[c]) for c in columns) + "\n")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from agent.ledger import Ledger
+
+    loaded = _load(args.config)
+    cfg = loaded.config
+    path = cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path
+    if not path.exists():
+        raise ConfigError(f"ledger.path: {path} does not exist (has the agent run?)")
+    ledger = Ledger(path)
+    try:
+        recs = ledger.records(machine=args.machine, since=args.since, limit=args.limit)
+    finally:
+        ledger.close_sync()
+    if args.format == "json":
+        for r in recs:
+            print(json.dumps(r, ensure_ascii=False))
+    elif args.format == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=JOB_COLUMNS)
+        w.writeheader()
+        w.writerows(_job_row(r) for r in recs)
+    else:
+        print_table([_job_row(r) for r in recs], JOB_COLUMNS)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from agent.ledger import Ledger
+    from agent.record import verify_chain
+
+    loaded = _load(args.config)
+    cfg = loaded.config
+    path = cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path
+    ledger = Ledger(path)
+    try:
+        recs = ledger.records()
+    finally:
+        ledger.close_sync()
+    problems = verify_chain(recs)
+    for p in problems:
+        print(p)
+    print(f"{len(recs)} records, {len({r['machine'] for r in recs})} machines: "
+          + ("chains intact" if not problems else f"{len(problems)} problems"))
+    return 0 if not problems else EXIT_FAILURE
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators import serve
+
+    _setup_logging(args.log_level or "INFO")
+    return asyncio.run(serve.run(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from simulators import demo
+
+    _setup_logging(args.log_level or "WARNING")
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="energy-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"energy-agent {__version__}")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run the agent (poll devices, compute job energy, store and publish records)")
+    s.add_argument("-c", "--config", required=True)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bridge", help="run the MQTT → InfluxDB bridge")
+    s.add_argument("-c", "--config", required=True)
+    s.set_defaults(func=cmd_bridge)
+
+    s = sub.add_parser("check-config", help="validate a config file (and its profiles and node maps)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("schema", help="print the config's JSON Schema")
+    s.set_defaults(func=cmd_schema)
+
+    s = sub.add_parser("jobs", help="list job records from the local ledger")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("--machine")
+    s.add_argument("--since", help="ISO time: records whose job started at or after it")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.set_defaults(func=cmd_jobs)
+
+    s = sub.add_parser("verify", help="verify the ledger's per-machine hash chains")
+    s.add_argument("-c", "--config", required=True)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("simulate", help="serve simulated meters and CNCs for a scenario")
+    from simulators import serve
+
+    serve.add_arguments(s)
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("demo", help="run a simulated plant end to end and print the per-job table")
+    s.add_argument("--scenario", default=None, help="scenario file (default: the built-in demo)")
+    s.add_argument("--workdir", default=None, help="keep files here instead of a temporary directory")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"energy-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        print(f"energy-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Per-machine tracking: CNC signals and meter samples in, finished jobs with energy out.
+
+A :class:`MachineTracker` is fed the readings of one machine's meter and CNC (in arrival
+order, on the event loop). It keeps
+
+- the operating state: the node map's rules over the CNC's values, refined by power
+  (``ready`` below ``standby_below_w`` is standby, anything below ``off_below_w`` is off);
+- the open job: it starts when the CNC has a job key (job id, else program) and enters an
+  active state (setup, processing, interrupted); it ends when the key changes or clears, when
+  the parts counter rises, or (for program-keyed jobs) when the channel returns to idle;
+- meter samples and state changes since the oldest open job began, in preallocated arrays.
+
+A job that has ended waits for the first meter sample after its end, so that the counter can
+be interpolated at the exact boundary; then the energy kernel runs and ``on_finished``
+receives a :class:`FinishedJob`. If no sample comes within ``close_timeout_s`` the job is
+computed with what there is and flagged. The tracker never imports a protocol library.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent import states
+from agent.energy import JobEnergy, compute_job
+from drivers.profile import NodeMap
+from drivers.reading import Reading
+
+log = logging.getLogger(__name__)
+
+IDLE_STATES = ("off", "standby", "ready")
+
+
+@dataclass
+class JobInfo:
+    key: str
+    key_point: str
+    start: float
+    start_wall: float
+    job_id: str | None = None
+    program: str | None = None
+    product: str | None = None
+    serial: str | None = None
+    subassembly: str | None = None
+    parts_start: int | None = None
+    flags: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    machine: str
+    info: JobInfo
+    end: float
+    end_wall: float
+    end_reason: str
+    parts: int | None
+    energy: JobEnergy
+    samples: int
+    bad_samples: int
+    median_interval_s: float | None
+    flags: tuple[str, ...]
+
+
+@dataclass
+class _Ending:
+    info: JobInfo
+    end: float
+    end_wall: float
+    reason: str
+    parts: int | None
+    deadline: float
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+class MachineTracker:
+    def __init__(self, machine_id: str, nodemap: NodeMap, *, programs: dict[str, Any] | None = None,
+                 standby_below_w: float | None = None, off_below_w: float | None = None,
+                 max_gap_s: float, close_timeout_s: float, rollover_kwh: float = 0.0,
+                 max_power_w: float = 0.0, on_finished: Callable[[FinishedJob], None]):
+        self.machine = machine_id
+        self.nodemap = nodemap
+        self.programs = programs or {}
+        self.standby_below_w = standby_below_w
+        self.off_below_w = off_below_w
+        self.max_gap_s = max_gap_s
+        self.close_timeout_s = close_timeout_s
+        self.rollover_kwh = rollover_kwh
+        self.max_power_w = max_power_w
+        self.on_finished = on_finished
+
+        from agent.samples import SampleBuffer, StateTimeline  # local: keeps import order simple
+
+        self.samples = SampleBuffer()
+        self.timeline = StateTimeline()
+        self.bad_times: deque[float] = deque()
+        self.cnc_values: dict[str, Any] = {}
+        self.cnc_state: str | None = None
+        self.power: float = math.nan
+        self.parts: int | None = None
+        self.open: JobInfo | None = None
+        self.ending: list[_Ending] = []
+        self.meter_ok = True
+        self.cnc_ok = True
+        self.seen_cnc = False
+
+    # ------------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> str | None:
+        c = self.timeline.current
+        return None if c is None else states.STATES[c]
+
+    def _derive_state(self) -> str:
+        p = self.power
+        if self.off_below_w is not None and math.isfinite(p) and p < self.off_below_w:
+            return "off"
+        s = self.cnc_state or "ready"
+        if s == "ready" and self.standby_below_w is not None and math.isfinite(p) and p < self.standby_below_w:
+            return "standby"
+        return s
+
+    def _update_state(self, t: float) -> None:
+        self.timeline.append(t, states.code(self._derive_state()))
+
+    # ------------------------------------------------------------------------ meter
+
+    def on_meter(self, r: Reading) -> None:
+        if not r.ok:
+            self.bad_times.append(r.t)
+            if self.meter_ok:
+                self.meter_ok = False
+                self._flag_jobs("meter_unavailable")
+            self._finish_due(r.t)
+            return
+        self.meter_ok = True
+        e = float(r.values.get("energy_import_kwh", math.nan))
+        p = float(r.values.get("power_w", math.nan))
+        if self.max_power_w and math.isfinite(p) and abs(p) > 1.5 * self.max_power_w:
+            p = math.nan  # implausible: not a measurement
+        if r.bad or (math.isnan(e) and math.isnan(p)):
+            self.bad_times.append(r.t)
+        if (math.isnan(e) and math.isnan(p)) or r.t <= self.samples.last_t:
+            self._finish_due(r.t)
+            return
+        self.samples.append(r.t, e, p)
+        if math.isfinite(p):
+            self.power = p
+        self._update_state(r.t)
+        self._finish_due(r.t)
+
+    # ------------------------------------------------------------------------ CNC
+
+    def on_cnc(self, r: Reading) -> None:
+        if not r.ok:
+            if self.cnc_ok:
+                self.cnc_ok = False
+                self._flag_jobs("cnc_unavailable")
+            return
+        self.cnc_ok = True
+        first = not self.seen_cnc
+        self.seen_cnc = True
+        self.cnc_values = dict(r.values)
+        self.cnc_state = self.nodemap.state_of(self.cnc_values)
+        self._update_state(r.t)
+        self._track_job(r.t, r.wall, first)
+        self._finish_due(r.t)
+
+    def _job_key(self) -> tuple[str | None, str]:
+        for point in self.nodemap.job.key:
+            k = _text(self.cnc_values.get(point))
+            if k:
+                return k, point
+        return None, ""
+
+    def _parts(self) -> int | None:
+        v = self.cnc_values.get("parts_total")
+        try:
+            return None if v is None else int(v)
+        except (TypeError, ValueError):
+            return None
+
+    def _track_job(self, t: float, wall: float, first: bool) -> None:
+        rule = self.nodemap.job
+        key, point = self._job_key()
+        active = self.cnc_state in rule.active_states
+        parts = self._parts()
+        job = self.open
+        if job is not None:
+            reason = None
+            if key != job.key:
+                reason = "key_changed" if key else "key_cleared"
+            elif rule.end_on_parts_increment and parts is not None and self.parts is not None and parts > self.parts:
+                reason = "parts_counter"
+            elif rule.end_on_idle and job.key_point != "job_id" and self.cnc_state in IDLE_STATES:
+                reason = "idle"
+            if reason:
+                self._end(job, t, wall, reason, parts)
+                job = None
+            else:
+                self._fill_info(job)
+        if job is None and key and active:
+            self.open = JobInfo(key=key, key_point=point, start=t, start_wall=wall, parts_start=parts)
+            if first:
+                self.open.flags.add("started_before_agent")
+            if not self.meter_ok:
+                self.open.flags.add("meter_unavailable")
+            self._fill_info(self.open)
+        self.parts = parts
+
+    def _fill_info(self, job: JobInfo) -> None:
+        v = self.cnc_values
+        for name in ("job_id", "program", "product", "serial", "subassembly"):
+            if getattr(job, name) is None:
+                setattr(job, name, _text(v.get(name)))
+        table = self.programs.get(job.program or "")
+        if table is not None:
+            for name in ("product", "subassembly"):
+                if getattr(job, name) is None:
+                    setattr(job, name, getattr(table, name, None))
+
+    def _end(self, job: JobInfo, t: float, wall: float, reason: str, parts: int | None) -> None:
+        if parts is not None and job.parts_start is not None:
+            n = parts - job.parts_start
+            parts = n if n >= 0 else None
+        else:
+            parts = None
+        self.ending.append(_Ending(job, t, wall, reason, parts, t + self.close_timeout_s))
+        self.open = None
+
+    def _flag_jobs(self, flag: str) -> None:
+        if self.open is not None:
+            self.open.flags.add(flag)
+        for e in self.ending:
+            e.info.flags.add(flag)
+
+    # ------------------------------------------------------------------------ finishing
+
+    def tick(self, now: float) -> None:
+        """Called periodically: finishes jobs whose wait for a meter sample has timed out."""
+        self._finish_due(now)
+
+    def _finish_due(self, now: float) -> None:
+        if not self.ending:
+            if self.open is None and (len(self.samples) > 64 or len(self.bad_times) > 64):
+                self._trim()  # between jobs only the latest sample is needed
+            return
+        last = self.samples.last_t
+        done = [e for e in self.ending if last >= e.end or now >= e.deadline]
+        if not done:
+            return
+        for e in done:
+            self.ending.remove(e)
+            if last < e.end:
+                e.info.flags.add("no_meter_sample_after_end")
+            self.on_finished(self._compute(e))
+        self._trim()
+
+    def _compute(self, e: _Ending) -> FinishedJob:
+        t, en, p = self.samples.view()
+        st_t, st_s = self.timeline.view()
+        if len(st_t) == 0:
+            st_t, st_s = np.array([e.info.start]), np.array([states.code("ready")], np.uint8)
+        energy = compute_job(t, en, p, st_t, st_s, e.info.start, e.end, self.max_gap_s,
+                             self.rollover_kwh, self.max_power_w)
+        lo, hi = np.searchsorted(t, e.info.start, "left"), np.searchsorted(t, e.end, "right")
+        inside = t[lo:hi]
+        median = float(np.median(np.diff(inside))) if len(inside) > 1 else None
+        bad = sum(1 for b in self.bad_times if e.info.start <= b <= e.end)
+        flags = set(e.info.flags)
+        if energy.estimated_kwh > 0:
+            flags.add("estimated_energy")
+        if energy.coverage < 1.0:
+            flags.add("incomplete_coverage")
+        return FinishedJob(self.machine, e.info, e.end, e.end_wall, e.reason, e.parts, energy,
+                           int(hi - lo), bad, median, tuple(sorted(flags)))
+
+    def _trim(self) -> None:
+        starts = [e.info.start for e in self.ending]
+        if self.open is not None:
+            starts.append(self.open.start)
+        keep = min(starts) if starts else self.samples.last_t
+        self.samples.trim_before(keep)
+        self.timeline.trim_before(keep)
+        while self.bad_times and self.bad_times[0] < keep:
+            self.bad_times.popleft()

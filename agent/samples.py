@@ -1,0 +1,94 @@
+"""Preallocated sample columns for the open jobs of one machine.
+
+Meter samples and state changes are appended to NumPy arrays that grow by doubling and are
+trimmed from the front once no open job needs them, so a machine costs a few arrays, not a
+Python object per sample. Views handed to the kernels are contiguous slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class SampleBuffer:
+    """Columns t (monotonic s), e (counter kWh, NaN = none) and p (W, NaN = none)."""
+
+    def __init__(self, capacity: int = 1024):
+        self.t = np.empty(capacity, np.float64)
+        self.e = np.empty(capacity, np.float64)
+        self.p = np.empty(capacity, np.float64)
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def last_t(self) -> float:
+        return float(self.t[self.n - 1]) if self.n else float("-inf")
+
+    def append(self, t: float, e: float, p: float) -> None:
+        if self.n == len(self.t):
+            cap = 2 * len(self.t)
+            for name in ("t", "e", "p"):
+                col = np.empty(cap, np.float64)
+                col[: self.n] = getattr(self, name)[: self.n]
+                setattr(self, name, col)
+        self.t[self.n], self.e[self.n], self.p[self.n] = t, e, p
+        self.n += 1
+
+    def trim_before(self, t: float) -> None:
+        """Drop samples before the last one at or before ``t`` (which is kept)."""
+        k = int(np.searchsorted(self.t[: self.n], t, side="right")) - 1
+        if k <= 0:
+            return
+        m = self.n - k
+        for col in (self.t, self.e, self.p):
+            col[:m] = col[k : self.n]
+        self.n = m
+
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.t[: self.n], self.e[: self.n], self.p[: self.n]
+
+
+class StateTimeline:
+    """State changes: times (monotonic s) and uint8 state codes, one entry per change."""
+
+    def __init__(self, capacity: int = 64):
+        self.t = np.empty(capacity, np.float64)
+        self.s = np.empty(capacity, np.uint8)
+        self.n = 0
+
+    @property
+    def current(self) -> int | None:
+        return int(self.s[self.n - 1]) if self.n else None
+
+    def append(self, t: float, state: int) -> bool:
+        """Record a change at ``t``; returns False when the state did not change."""
+        if self.n and self.s[self.n - 1] == state:
+            return False
+        if self.n and t <= self.t[self.n - 1]:
+            # Same instant (or a clamped stamp): the latest state at that instant wins.
+            self.s[self.n - 1] = state
+            if self.n > 1 and self.s[self.n - 2] == state:
+                self.n -= 1
+            return True
+        if self.n == len(self.t):
+            t2 = np.empty(2 * self.n, np.float64)
+            s2 = np.empty(2 * self.n, np.uint8)
+            t2[: self.n], s2[: self.n] = self.t, self.s
+            self.t, self.s = t2, s2
+        self.t[self.n], self.s[self.n] = t, state
+        self.n += 1
+        return True
+
+    def trim_before(self, t: float) -> None:
+        k = int(np.searchsorted(self.t[: self.n], t, side="right")) - 1
+        if k <= 0:
+            return
+        m = self.n - k
+        self.t[:m] = self.t[k : self.n]
+        self.s[:m] = self.s[k : self.n]
+        self.n = m
+
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.t[: self.n], self.s[: self.n]

@@ -1,0 +1,148 @@
+"""Modbus meters: one bus object per physical connection, one driver per meter.
+
+A :class:`ModbusBus` owns the pymodbus client of one TCP socket or RTU-over-TCP gateway.
+Meters behind it share it; an ``asyncio.Lock`` serialises their requests (an RS-485 line
+behind a gateway answers one request at a time). The bus connects on demand and backs off
+exponentially (capped) after a failure, so a dead gateway costs one connect attempt per
+backoff step, not one per poll.
+
+A :class:`MeterDriver` reads the registers its profile names in as few requests as the
+profile allows (coalesced blocks), decodes them and returns a :class:`Reading`. Values that
+decode to NaN or infinity are reported in ``Reading.bad``, never passed on as numbers.
+pymodbus exceptions stay in this module: callers see :class:`DeviceError` or a Reading with
+``error`` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+
+from agent.clock import Clock
+from agent.errors import DeviceError
+from drivers.profile import Block, MeterProfile, decode_block, plan_blocks
+from drivers.reading import Reading
+
+log = logging.getLogger(__name__)
+
+ENERGY_QUANTITIES = ("power_w", "energy_import_kwh")
+"""What the agent reads on every poll; the rest of a profile is read by ``probe``."""
+
+
+class ModbusBus:
+    """One Modbus TCP or RTU-over-TCP connection shared by the devices behind it."""
+
+    def __init__(self, host: str, port: int, *, framer: str = "tcp", timeout_s: float = 1.0,
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0):
+        self.host, self.port = host, port
+        self.name = f"{framer}://{host}:{port}"
+        self._framer = FramerType.SOCKET if framer == "tcp" else FramerType.RTU
+        self._timeout = timeout_s
+        self._client: AsyncModbusTcpClient | None = None
+        self._lock = asyncio.Lock()
+        self._backoff_min, self._backoff_max = backoff_min_s, backoff_max_s
+        self._backoff = 0.0
+        self._next_attempt = 0.0
+
+    async def _ensure(self) -> AsyncModbusTcpClient:
+        if self._client is not None and self._client.connected:
+            return self._client
+        now = time.monotonic()
+        if now < self._next_attempt:
+            raise DeviceError(f"{self.name}: not connected (next attempt in {self._next_attempt - now:.1f} s)")
+        if self._client is None:
+            self._client = AsyncModbusTcpClient(
+                self.host, port=self.port, framer=self._framer, timeout=self._timeout,
+                retries=0, reconnect_delay=0, reconnect_delay_max=0,
+            )
+        try:
+            ok = await asyncio.wait_for(self._client.connect(), self._timeout + 1.0)
+        except (OSError, ModbusException, asyncio.TimeoutError) as exc:
+            ok = False
+            cause = f"{type(exc).__name__}: {exc}"
+        else:
+            cause = "connection refused or timed out"
+        if not ok:
+            self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
+            self._next_attempt = time.monotonic() + self._backoff
+            self._client.close()
+            raise DeviceError(f"{self.name}: cannot connect ({cause})")
+        self._backoff = 0.0
+        return self._client
+
+    async def read(self, unit: int, function: str, address: int, count: int, timeout_s: float) -> list[int]:
+        """Read ``count`` registers; DeviceError names the cause (timeout, exception code, ...)."""
+        async with self._lock:
+            client = await self._ensure()
+            call = client.read_input_registers if function == "input" else client.read_holding_registers
+            try:
+                rr = await asyncio.wait_for(call(address, count=count, device_id=unit), timeout_s)
+            except asyncio.TimeoutError:
+                raise DeviceError(f"{self.name} unit {unit}: no answer within {timeout_s:g} s") from None
+            except (ModbusException, OSError) as exc:
+                client.close()
+                raise DeviceError(f"{self.name} unit {unit}: {type(exc).__name__}: {exc}") from exc
+            if rr.isError():
+                code = getattr(rr, "exception_code", None)
+                raise DeviceError(f"{self.name} unit {unit}: exception code {code} reading {function} {address}+{count}")
+            regs = list(rr.registers)
+            if len(regs) < count:
+                raise DeviceError(f"{self.name} unit {unit}: short response ({len(regs)} of {count} registers)")
+            return regs[:count]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class MeterDriver:
+    """Reads one meter's profile over a shared bus."""
+
+    def __init__(self, device_id: str, unit_id: int, profile: MeterProfile, bus: ModbusBus, clock: Clock,
+                 *, timeout_s: float = 1.0, retries: int = 1, quantities: tuple[str, ...] | None = None):
+        self.device_id = device_id
+        self.unit_id = unit_id
+        self.profile = profile
+        self.bus = bus
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.retries = retries
+        wanted = [q for q in (quantities or ENERGY_QUANTITIES) if q in profile.points]
+        self.blocks: list[Block] = plan_blocks(profile, wanted)
+
+    async def _read_block(self, block: Block) -> list[int]:
+        last: DeviceError | None = None
+        for _ in range(self.retries + 1):
+            try:
+                return await self.bus.read(self.unit_id, block.function, block.start, block.count, self.timeout_s)
+            except DeviceError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def poll(self) -> Reading:
+        """One poll: every block read, decoded and stamped at the middle of the exchange."""
+        t0 = self.clock.mono()
+        values: dict[str, float] = {}
+        bad: list[str] = []
+        try:
+            for block in self.blocks:
+                regs = await self._read_block(block)
+                for q, v in decode_block(self.profile, block, regs).items():
+                    if math.isfinite(v):
+                        values[q] = v
+                    else:
+                        bad.append(q)
+        except DeviceError as exc:
+            t = self.clock.mono()
+            return Reading(self.device_id, t, self.clock.wall_of_mono(t), error=str(exc))
+        t1 = self.clock.mono()
+        t = 0.5 * (t0 + t1)
+        return Reading(self.device_id, t, self.clock.wall_of_mono(t), values, tuple(bad))

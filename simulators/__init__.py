@@ -1,0 +1,1 @@
+"""Simulated meters and CNC controllers with exact ground-truth energy."""
