@@ -88,7 +88,7 @@ class MachineTracker:
     def __init__(self, machine_id: str, nodemap: NodeMap, *, programs: dict[str, Any] | None = None,
                  standby_below_w: float | None = None, off_below_w: float | None = None,
                  max_gap_s: float, close_timeout_s: float, rollover_kwh: float = 0.0,
-                 max_power_w: float = 0.0, on_finished: Callable[[FinishedJob], None]):
+                 max_power_w: float = 0.0, settle_s: float = 1.0, on_finished: Callable[[FinishedJob], None]):
         self.machine = machine_id
         self.nodemap = nodemap
         self.programs = programs or {}
@@ -98,6 +98,7 @@ class MachineTracker:
         self.close_timeout_s = close_timeout_s
         self.rollover_kwh = rollover_kwh
         self.max_power_w = max_power_w
+        self.settle_s = settle_s
         self.on_finished = on_finished
 
         from agent.samples import SampleBuffer, StateTimeline  # local: keeps import order simple
@@ -114,6 +115,7 @@ class MachineTracker:
         self.meter_ok = True
         self.cnc_ok = True
         self.seen_cnc = False
+        self._instant: tuple[float, float, dict[str, Any], str, bool] | None = None
 
     # ------------------------------------------------------------------------ state
 
@@ -169,58 +171,78 @@ class MachineTracker:
                 self._flag_jobs("cnc_unavailable")
             return
         self.cnc_ok = True
-        first = not self.seen_cnc
-        self.seen_cnc = True
         self.cnc_values = dict(r.values)
         self.cnc_state = self.nodemap.state_of(self.cnc_values)
         self._update_state(r.t)
-        self._track_job(r.t, r.wall, first)
+        # Job logic runs on the final snapshot of each instant: changes stamped with the same
+        # time may arrive in separate notifications, and a half-applied instant (state already
+        # active, job id not yet set) must not open or close a job.
+        if self._instant is not None and r.t > self._instant[0]:
+            self._settle()
+        self._instant = (r.t, r.wall, self.cnc_values, self.cnc_state, not self.seen_cnc)
+        self.seen_cnc = True
         self._finish_due(r.t)
 
-    def _job_key(self) -> tuple[str | None, str]:
+    def _settle(self) -> None:
+        if self._instant is not None:
+            t, wall, values, state, first = self._instant
+            self._instant = None
+            self._track_job(t, wall, values, state, first)
+
+    def _job_key(self, values: dict[str, Any]) -> tuple[str | None, str]:
         for point in self.nodemap.job.key:
-            k = _text(self.cnc_values.get(point))
+            k = _text(values.get(point))
             if k:
                 return k, point
         return None, ""
 
-    def _parts(self) -> int | None:
-        v = self.cnc_values.get("parts_total")
+    @staticmethod
+    def _parts(values: dict[str, Any]) -> int | None:
+        v = values.get("parts_total")
         try:
             return None if v is None else int(v)
         except (TypeError, ValueError):
             return None
 
-    def _track_job(self, t: float, wall: float, first: bool) -> None:
+    def _track_job(self, t: float, wall: float, values: dict[str, Any], state: str, first: bool) -> None:
         rule = self.nodemap.job
-        key, point = self._job_key()
-        active = self.cnc_state in rule.active_states
-        parts = self._parts()
+        key, point = self._job_key(values)
+        active = state in rule.active_states
+        parts = self._parts(values)
+        rank = rule.key.index
         job = self.open
         if job is not None:
             reason = None
-            if key != job.key:
-                reason = "key_changed" if key else "key_cleared"
-            elif rule.end_on_parts_increment and parts is not None and self.parts is not None and parts > self.parts:
+            rose = parts is not None and self.parts is not None and parts > self.parts
+            own = _text(values.get(job.key_point))
+            if key and key != job.key and rank(point) < rank(job.key_point) and not rose:
+                # A better identifier (job id) arrived after the job started under a weaker one
+                # (program): the same job, re-keyed, not a new one.
+                job.key, job.key_point = key, point
+            elif rose and rule.end_on_parts_increment:
                 reason = "parts_counter"
-            elif rule.end_on_idle and job.key_point != "job_id" and self.cnc_state in IDLE_STATES:
+            elif own is None:
+                reason = "key_cleared"
+            elif own != job.key:
+                reason = "key_changed"
+            elif rule.end_on_idle and job.key_point != rule.key[0] and state in IDLE_STATES:
                 reason = "idle"
             if reason:
                 self._end(job, t, wall, reason, parts)
                 job = None
             else:
-                self._fill_info(job)
+                self._fill_info(job, values)
         if job is None and key and active:
             self.open = JobInfo(key=key, key_point=point, start=t, start_wall=wall, parts_start=parts)
             if first:
                 self.open.flags.add("started_before_agent")
             if not self.meter_ok:
                 self.open.flags.add("meter_unavailable")
-            self._fill_info(self.open)
+            self._fill_info(self.open, values)
         self.parts = parts
 
-    def _fill_info(self, job: JobInfo) -> None:
-        v = self.cnc_values
+    def _fill_info(self, job: JobInfo, values: dict[str, Any]) -> None:
+        v = values
         for name in ("job_id", "program", "product", "serial", "subassembly"):
             if getattr(job, name) is None:
                 setattr(job, name, _text(v.get(name)))
@@ -248,10 +270,12 @@ class MachineTracker:
     # ------------------------------------------------------------------------ finishing
 
     def tick(self, now: float) -> None:
-        """Called periodically: finishes jobs whose wait for a meter sample has timed out."""
+        """Called periodically: settles the last CNC instant, finishes jobs that waited long enough."""
         self._finish_due(now)
 
     def _finish_due(self, now: float) -> None:
+        if self._instant is not None and now >= self._instant[0] + self.settle_s:
+            self._settle()
         if not self.ending:
             if self.open is None and (len(self.samples) > 64 or len(self.bad_times) > 64):
                 self._trim()  # between jobs only the latest sample is needed

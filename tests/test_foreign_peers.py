@@ -171,7 +171,7 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server):
     assert len(recs) == 1
     r = recs[0]
     assert r["job"] == {"key": "ORD-1", "job_id": "ORD-1", "program": "P-77", "product": None, "serial": "S-0001",
-                        "subassembly": None, "parts": 1, "end_reason": "key_cleared"}
+                        "subassembly": None, "parts": 1, "end_reason": "parts_counter"}
     assert r["start"] == datetime.fromtimestamp(t1, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert r["end"] == datetime.fromtimestamp(t3, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     true_setup = 2000.0 * (t2 - t1) / 3.6e6

@@ -1,0 +1,185 @@
+"""Job and state tracking from CNC snapshots and meter samples (no protocols involved)."""
+
+import math
+
+import pytest
+
+from agent.machine import MachineTracker
+from drivers.profile import load_nodemap
+from drivers.reading import Reading
+
+PROCESSING = {"channel_status": 0, "program_status": 1, "operation_mode": 0}
+SETUP = {"channel_status": 0, "program_status": 0, "operation_mode": 2}
+IDLE = {"channel_status": 2, "program_status": 0, "operation_mode": 0}
+
+
+class Plant:
+    """Feeds a tracker: a meter at constant power per segment, sampled every second."""
+
+    def __init__(self, **kw):
+        self.jobs = []
+        kw.setdefault("max_gap_s", 5.0)
+        kw.setdefault("close_timeout_s", 10.0)
+        self.tr = MachineTracker("m1", load_nodemap("opc40502"), settle_s=0.5, on_finished=self.jobs.append, **kw)
+        self.t = 0.0
+        self.e = 100.0
+        self.p = 1000.0
+
+    def cnc(self, t, **values):
+        self.tr.on_cnc(Reading("cnc", t, 1_800_000_000.0 + t, values))
+
+    def run_to(self, t_end, p=None):
+        """Advance the meter to t_end with samples every second at power p (from now on)."""
+        if p is not None:
+            self.p = p
+        while self.t + 1.0 <= t_end + 1e-9:
+            self.t += 1.0
+            self.e += self.p * 1.0 / 3.6e6
+            self.tr.on_meter(Reading("pm", self.t, 1_800_000_000.0 + self.t,
+                                     {"power_w": self.p, "energy_import_kwh": self.e}))
+
+
+def snapshot(state, **kw):
+    v = {"program": "", "job_id": "", "parts_total": 0}
+    v.update(state)
+    v.update(kw)
+    return v
+
+
+def test_back_to_back_jobs_split_exactly_at_the_boundary():
+    pl = Plant()
+    pl.run_to(3)
+    pl.cnc(3.5, **snapshot(PROCESSING, job_id="J1", program="O1"))
+    pl.run_to(10, p=6000.0)
+    pl.cnc(10.5, **snapshot(PROCESSING, job_id="J2", program="O1", parts_total=1))
+    pl.run_to(20)
+    pl.cnc(20.5, **snapshot(IDLE, program="O1", parts_total=2))
+    pl.run_to(25, p=1000.0)
+    assert [j.info.key for j in pl.jobs] == ["J1", "J2"]
+    j1, j2 = pl.jobs
+    assert (j1.info.start, j1.end, j1.end_reason, j1.parts) == (3.5, 10.5, "parts_counter", 1)
+    assert (j2.info.start, j2.end, j2.end_reason, j2.parts) == (10.5, 20.5, "parts_counter", 1)
+    # The meter steps its power at whole seconds (3 -> 6 kW over (3, 4], back to 1 kW over
+    # (20, 21]); the CNC changes at half seconds. Inside an interval that spans a state change
+    # the step model weights each side by its own sample's power (ready at 1 kW, processing at
+    # 6 kW), so (3, 4] gives J1 6000 J * 3000/3500; (10, 11] is one state and splits by time;
+    # (20, 21] gives J2 1000 J * 3000/3500. Exact to rounding.
+    j1_ws = 6000 * 3000 / 3500 + 6000 * 6 + 3000
+    j2_ws = 3000 + 6000 * 9 + 1000 * 3000 / 3500
+    assert j1.energy.kwh == pytest.approx(j1_ws / 3.6e6, rel=1e-9)
+    assert j2.energy.kwh == pytest.approx(j2_ws / 3.6e6, rel=1e-9)
+    assert j1.energy.method == "counter" and j1.energy.coverage == 1.0
+
+
+def test_instant_split_over_two_notifications_does_not_open_a_wrong_job():
+    pl = Plant()
+    pl.run_to(2)
+    # Same instant, two notifications: state first (job id not yet there), then the job id.
+    pl.cnc(2.5, **snapshot(PROCESSING, program="O7"))
+    pl.cnc(2.5, **snapshot(PROCESSING, program="O7", job_id="J7"))
+    pl.run_to(6)
+    assert pl.tr.open is not None and pl.tr.open.key == "J7" and pl.tr.open.start == 2.5
+
+
+def test_late_job_id_rekeys_the_program_job():
+    pl = Plant()
+    pl.run_to(2)
+    pl.cnc(2.5, **snapshot(PROCESSING, program="O7"))
+    pl.run_to(4)
+    pl.cnc(4.2, **snapshot(PROCESSING, program="O7", job_id="J7"))
+    pl.run_to(6)
+    assert pl.tr.open.key == "J7" and pl.tr.open.key_point == "job_id" and pl.tr.open.start == 2.5
+    assert pl.jobs == []
+
+
+def test_program_job_ends_on_return_to_idle():
+    pl = Plant()
+    pl.run_to(1)
+    pl.cnc(1.0, **snapshot(SETUP, program="O9"))
+    pl.run_to(5)
+    pl.cnc(5.0, **snapshot(PROCESSING, program="O9"))
+    pl.run_to(9)
+    pl.cnc(9.0, **snapshot(IDLE, program="O9"))
+    pl.run_to(12)
+    (job,) = pl.jobs
+    assert (job.info.key, job.end_reason, job.info.start, job.end) == ("O9", "idle", 1.0, 9.0)
+    by_state = dict(zip(("off", "standby", "ready", "processing", "interrupted", "setup"), job.energy.kwh_by_state))
+    assert by_state["setup"] == pytest.approx(1000 * 4 / 3.6e6)
+    assert by_state["processing"] == pytest.approx(1000 * 4 / 3.6e6)
+
+
+def test_job_id_job_survives_an_interruption_and_ends_when_cleared():
+    pl = Plant()
+    pl.cnc(0.5, **snapshot(IDLE))
+    pl.run_to(2)
+    pl.cnc(2.0, **snapshot(PROCESSING, job_id="J1", program="O1"))
+    pl.run_to(4)
+    pl.cnc(4.0, **snapshot({"channel_status": 1, "program_status": 3}, job_id="J1", program="O1"))
+    pl.run_to(6)
+    pl.cnc(6.0, **snapshot(PROCESSING, job_id="J1", program="O1"))
+    pl.run_to(8)
+    pl.cnc(8.0, **snapshot(IDLE, program="O1"))
+    pl.run_to(10)
+    (job,) = pl.jobs
+    assert job.end_reason == "key_cleared" and job.info.program == "O1"
+    assert job.energy.kwh_by_state[4] == pytest.approx(1000 * 2 / 3.6e6)  # interrupted
+    assert "started_before_agent" not in job.flags
+
+
+def test_job_running_when_the_agent_starts_is_flagged():
+    pl = Plant()
+    pl.run_to(1)
+    pl.cnc(1.5, **snapshot(PROCESSING, job_id="J0"))
+    pl.run_to(3)
+    pl.cnc(3.5, **snapshot(IDLE))
+    pl.run_to(5)
+    assert "started_before_agent" in pl.jobs[0].flags
+
+
+def test_job_waits_for_a_meter_sample_after_its_end_then_times_out():
+    pl = Plant(close_timeout_s=3.0)
+    pl.cnc(0.5, **snapshot(IDLE))
+    pl.run_to(2)
+    pl.cnc(2.0, **snapshot(PROCESSING, job_id="J1"))
+    pl.run_to(5)
+    pl.cnc(5.5, **snapshot(IDLE))
+    pl.tr.tick(6.0)  # settled, but no meter sample after 5.5 yet: still waiting
+    assert pl.jobs == [] and len(pl.tr.ending) == 1
+    pl.tr.tick(8.6)  # meter silent past the close timeout: computed with what there is
+    (job,) = pl.jobs
+    assert "no_meter_sample_after_end" in job.flags and "incomplete_coverage" in job.flags
+    assert job.energy.coverage == pytest.approx(3.0 / 3.5)
+
+
+def test_power_refines_ready_into_standby_and_off():
+    pl = Plant(standby_below_w=500.0, off_below_w=20.0)
+    pl.cnc(0.5, **snapshot(IDLE))
+    pl.run_to(2, p=300.0)
+    assert pl.tr.state == "standby"
+    pl.run_to(3, p=5.0)
+    assert pl.tr.state == "off"
+    pl.run_to(4, p=1200.0)
+    assert pl.tr.state == "ready"
+
+
+def test_meter_outage_flags_the_job_and_nan_power_is_not_a_sample():
+    pl = Plant()
+    pl.cnc(0.5, **snapshot(IDLE))
+    pl.run_to(2)
+    pl.cnc(2.0, **snapshot(PROCESSING, job_id="J1"))
+    pl.run_to(3)
+    pl.tr.on_meter(Reading("pm", 3.5, 0.0, error="timeout"))
+    pl.tr.on_meter(Reading("pm", 3.7, 0.0, {"power_w": math.nan}, bad=("power_w",)))
+    pl.run_to(6)
+    pl.cnc(6.0, **snapshot(IDLE))
+    pl.run_to(8)
+    (job,) = pl.jobs
+    assert "meter_unavailable" in job.flags and job.bad_samples == 2
+    assert job.energy.coverage == 1.0  # the counter spans the silent second
+
+
+def test_buffers_stay_small_between_jobs():
+    pl = Plant()
+    pl.cnc(0.5, **snapshot(IDLE))
+    pl.run_to(5000)
+    assert len(pl.tr.samples) <= 65 and pl.tr.timeline.n <= 2
