@@ -5,7 +5,8 @@ Method, per sample interval [t_i, t_i+1] that overlaps the window [t0, t1]:
 1. **Counter delta first.** The meter's energy counter integrates through everything, so when
    both readings are valid the delta is *measured* energy, even across a long gap (the gap is
    still counted). A delta that is negative is a wrap (``rollover_kwh``) when adding the wrap
-   value makes it plausible, otherwise a counter reset; a delta above 1.5 x ``max_power_w`` x dt
+   value makes it plausible (within the power limit, or with no limit known under 1 % of the
+   counter's range), otherwise a counter reset; a delta above 1.5 x ``max_power_w`` x dt
    is an implausible jump. Resets and jumps never become energy.
 2. **Power fallback.** Otherwise, if both power readings are valid and dt <= ``max_gap_s``, the
    power model below is integrated (W s / 3.6e6); this energy is also reported as estimated.
@@ -37,7 +38,7 @@ import numpy as np
 from agent.states import N_STATES
 
 # Quality vector indices (q).
-Q_COVERED_S = 0  # seconds of the window with energy from counter or power
+Q_COVERED_S = 0  # seconds of the window covered by counter deltas or power integration
 Q_GAPS = 1  # intervals with dt > max_gap_s or without energy, plus uncovered window edges
 Q_LONGEST_GAP_S = 2
 Q_RESETS = 3
@@ -146,7 +147,11 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
             limit = kwh_per_s_limit * dt
             if delta < 0.0:
                 delta += rollover_kwh
-                if rollover_kwh > 0.0 and delta >= 0.0 and (max_power_w <= 0.0 or delta <= limit):
+                # A wrap leaves the counter near zero having been near the top: the wrapped
+                # delta must be plausible for the meter's power, and (power unknown) a small
+                # part of the range, so a reset to 0 from mid-range is never read as a wrap.
+                plausible = delta <= limit if max_power_w > 0.0 else delta <= 0.01 * rollover_kwh
+                if rollover_kwh > 0.0 and delta >= 0.0 and plausible:
                     counter = True
                     q[Q_ROLLOVERS] += 1.0
                 else:

@@ -174,8 +174,9 @@ def test_back_to_back_jobs_share_the_boundary_interval():
 def test_job_at_the_end_of_a_long_buffer():
     t = np.arange(0.0, 1_000_000.0)
     r = run_ramp(t, 999_000.5, 999_010.5)
-    # Counter near 2.8e7 kWh: each reading is rounded to ~4e-9 kWh, the job has ~14 kWh.
-    assert r.kwh == pytest.approx(ramp_kwh(999_000.5, 999_010.5), rel=1e-8)
+    # Binary search finds the job's intervals. The counter is near 6.9e6 kWh, where float64
+    # readings (and the truth's own difference) carry ~1e-9 kWh; the job has ~139 kWh.
+    assert r.kwh == pytest.approx(ramp_kwh(999_000.5, 999_010.5), rel=1e-10)
 
 
 # ------------------------------------------------------------------ counter registers
@@ -191,12 +192,12 @@ def _quantized_ramp(kind):
     else:
         e = np.floor(12_345_600.0 + e_ws / 3600.0) / 1000.0  # integer Wh register, truncating
         step = 0.001
-    return t, e, p, e_ws, step
+    return t, e, p, step
 
 
 @pytest.mark.parametrize("kind", ["float32", "integer_wh"])
 def test_quantized_counter_within_one_step(kind):
-    t, e, p, e_ws, step = _quantized_ramp(kind)
+    t, e, p, step = _quantized_ramp(kind)
     t0, t1 = 3.37, 157.81
     r = compute_job(t, e, p, *one_state(), t0, t1, 5.0)
     truth = (20000.0 * (t1 - t0) + 50.0 * (t1 * t1 - t0 * t0)) * WS
@@ -229,6 +230,18 @@ def test_counter_reset_falls_back_to_power(rollover_kwh):
     assert r.kwh == pytest.approx(ramp_kwh(3.37, 97.81), rel=EXACT, abs=0)
     assert r.estimated_kwh == pytest.approx(ramp_kwh(49.0, 50.0), rel=EXACT, abs=0)
     assert r.method == "mixed" and r.coverage == 1.0 and r.gap_count == 0
+
+
+def test_reset_of_unsigned_counter_without_power_limit_is_not_a_rollover():
+    # A u32 Wh counter (wraps at 2**32 Wh) reset to 0 from mid-range, with no max_power_w known:
+    # adding the wrap value would claim ~4.29 GWh. A wrap must leave a small part of the range.
+    t = np.arange(0.0, 101.0)
+    e = ramp_e(t) + 2**31 * 0.001  # mid-range
+    e[50:] -= e[50]
+    r = run_ramp(t, 3.37, 97.81, e=e, rollover_kwh=2**32 * 0.001, max_power_w=0.0)
+    assert (r.counter_resets, r.counter_rollovers) == (1, 0)
+    # float64 readings near 2.1e6 kWh carry ~5e-10 kWh each: two of them bound the error.
+    assert r.kwh == pytest.approx(ramp_kwh(3.37, 97.81), rel=0, abs=1e-9)
 
 
 def test_counter_reset_without_power_leaves_a_gap():
