@@ -88,7 +88,7 @@ class MachineTracker:
     def __init__(self, machine_id: str, nodemap: NodeMap, *, programs: dict[str, Any] | None = None,
                  standby_below_w: float | None = None, off_below_w: float | None = None,
                  max_gap_s: float, close_timeout_s: float, rollover_kwh: float = 0.0,
-                 max_power_w: float = 0.0, settle_s: float = 1.0, on_finished: Callable[[FinishedJob], None]):
+                 max_power_w: float = 0.0, on_finished: Callable[[FinishedJob], None]):
         self.machine = machine_id
         self.nodemap = nodemap
         self.programs = programs or {}
@@ -98,7 +98,6 @@ class MachineTracker:
         self.close_timeout_s = close_timeout_s
         self.rollover_kwh = rollover_kwh
         self.max_power_w = max_power_w
-        self.settle_s = settle_s
         self.on_finished = on_finished
 
         from agent.samples import SampleBuffer, StateTimeline  # local: keeps import order simple
@@ -115,7 +114,6 @@ class MachineTracker:
         self.meter_ok = True
         self.cnc_ok = True
         self.seen_cnc = False
-        self._instant: tuple[float, float, dict[str, Any], str, bool] | None = None
 
     # ------------------------------------------------------------------------ state
 
@@ -174,20 +172,9 @@ class MachineTracker:
         self.cnc_values = dict(r.values)
         self.cnc_state = self.nodemap.state_of(self.cnc_values)
         self._update_state(r.t)
-        # Job logic runs on the final snapshot of each instant: changes stamped with the same
-        # time may arrive in separate notifications, and a half-applied instant (state already
-        # active, job id not yet set) must not open or close a job.
-        if self._instant is not None and r.t > self._instant[0]:
-            self._settle()
-        self._instant = (r.t, r.wall, self.cnc_values, self.cnc_state, not self.seen_cnc)
+        self._track_job(r.t, r.wall, self.cnc_values, self.cnc_state, not self.seen_cnc)
         self.seen_cnc = True
         self._finish_due(r.t)
-
-    def _settle(self) -> None:
-        if self._instant is not None:
-            t, wall, values, state, first = self._instant
-            self._instant = None
-            self._track_job(t, wall, values, state, first)
 
     def _job_key(self, values: dict[str, Any]) -> tuple[str | None, str]:
         for point in self.nodemap.job.key:
@@ -270,12 +257,10 @@ class MachineTracker:
     # ------------------------------------------------------------------------ finishing
 
     def tick(self, now: float) -> None:
-        """Called periodically: settles the last CNC instant, finishes jobs that waited long enough."""
+        """Called periodically: finishes jobs whose wait for a meter sample has timed out."""
         self._finish_due(now)
 
     def _finish_due(self, now: float) -> None:
-        if self._instant is not None and now >= self._instant[0] + self.settle_s:
-            self._settle()
         if not self.ending:
             if self.open is None and (len(self.samples) > 64 or len(self.bad_times) > 64):
                 self._trim()  # between jobs only the latest sample is needed

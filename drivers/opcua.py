@@ -6,7 +6,7 @@ follows changes through a subscription (data-change notifications with a queue, 
 intermediate change is lost between two publishes) or, where a server cannot subscribe, by
 polling. Every change becomes a :class:`Reading` holding the full snapshot of all points,
 stamped with the server's SourceTimestamp of the change, clamped between the previous
-reading and the moment it arrived (a CNC clock that is off cannot move a job boundary
+reading and the moment it arrived; changes of one instant are merged into one snapshot (a CNC clock that is off cannot move a job boundary
 outside the window in which it was observed). On a lost connection it reconnects with capped
 backoff and logs once per outage. asyncua types and exceptions stay in this module.
 """
@@ -80,35 +80,76 @@ class CncDriver:
         self.values: dict[str, Any] = {}
         self.last_t = float("-inf")
         self.available = False
+        self._pending: dict[str, tuple[Any, bool]] = {}
+        self._pending_t: float | None = None
+        self._pending_key: float | str | None = None
+        self._pending_wall = 0.0
+        self.last_wall = 0.0
+        self._batch = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self.quiet_s = 1.5 * self.clock.real_seconds(interval_s) + 0.05
+        """Real seconds without news after which an instant is complete (> one publishing interval)."""
 
     # ----------------------------------------------------------------------- stamping
 
-    def _stamp(self, source: datetime | None, received: float) -> float:
-        t = received
-        if self.use_source and source is not None:
-            if source.tzinfo is None:
-                source = source.replace(tzinfo=timezone.utc)
-            t = min(received, self.clock.mono_of_wall(source.timestamp()))
-        return max(t, self.last_t)
-
     def _apply(self, changes: list[tuple[str, Any, datetime | None, bool]]) -> None:
-        """Apply (point, value, source time, good) changes in time order, one Reading per instant."""
-        received = self.clock.mono()
-        stamped = sorted(((self._stamp(src, received), q, v, good) for q, v, src, good in changes), key=lambda c: c[0])
-        i = 0
-        while i < len(stamped):
-            t = stamped[i][0]
-            bad: list[str] = []
-            while i < len(stamped) and stamped[i][0] == t:
-                _, q, v, good = stamped[i]
-                if good:
-                    self.values[q] = _plain(v)
-                else:
-                    self.values.pop(q, None)
-                    bad.append(q)
-                i += 1
-            self.last_t = t
-            self.emit(Reading(self.device_id, t, self.clock.wall_of_mono(t), dict(self.values), tuple(bad)))
+        """Merge (point, value, source time, good) changes into per-instant snapshots.
+
+        Changes stamped with the same instant may arrive in separate notifications (a server
+        updates nodes one by one). They are merged, and the snapshot of an instant is emitted
+        only when a later instant arrives or nothing has arrived for a quiet period, so the
+        tracker never sees a half-applied instant (state active, job id not yet set).
+        Instants are identified by their SourceTimestamp (with ``timestamps: received``, by the
+        notification batch) and placed on the monotonic axis no later than their arrival and
+        no earlier than the previous instant.
+        """
+        mono, wall = self.clock.now()
+        self._batch += 1
+        items = []
+        for q, v, src, good in changes:
+            if self.use_source and src is not None:
+                if src.tzinfo is None:
+                    src = src.replace(tzinfo=timezone.utc)
+                key: float | str = src.timestamp()
+                t, w = (mono - (wall - key), key) if key < wall else (mono, wall)
+            else:
+                key, t, w = f"batch {self._batch}", mono, wall
+            items.append((t, w, key, q, v, good))
+        items.sort(key=lambda c: c[0])
+        for t, w, key, q, v, good in items:
+            pk = self._pending_key
+            if self._pending_t is not None and not (
+                key == pk or (isinstance(key, float) and isinstance(pk, float) and key < pk)
+            ):
+                self._flush()
+            if self._pending_t is None:
+                if t < self.last_t:
+                    t, w = self.last_t, self.last_wall
+                self._pending_t, self._pending_wall, self._pending_key = t, w, key
+            self._pending[q] = (v, good)
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        if self._pending_t is not None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self.quiet_s, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._pending_t is None:
+            return
+        t, wall = self._pending_t, self._pending_wall
+        self._pending_t = self._pending_key = None
+        bad = []
+        for q, (v, good) in self._pending.items():
+            if good:
+                self.values[q] = _plain(v)
+            else:
+                self.values.pop(q, None)
+                bad.append(q)
+        self._pending.clear()
+        self.last_t, self.last_wall = t, wall
+        self.emit(Reading(self.device_id, t, wall, dict(self.values), tuple(bad)))
 
     # ----------------------------------------------------------------------- session
 
@@ -133,6 +174,7 @@ class CncDriver:
             good = dv.StatusCode is None or dv.StatusCode.is_good()
             changes.append((q, dv.Value.Value if dv.Value is not None else None, None, good))
         self._apply(changes)
+        self._flush()
 
     async def _follow_subscription(self, client: Client, nodes: dict[str, Any], stop: asyncio.Event) -> None:
         by_node = {node.nodeid: q for q, node in nodes.items()}
@@ -205,6 +247,7 @@ class CncDriver:
                     else:
                         await self._follow_polling(client, nodes, stop)
                 finally:
+                    self._flush()
                     try:
                         await asyncio.wait_for(client.disconnect(), self.timeout_s)
                     except Exception:  # the connection may already be gone

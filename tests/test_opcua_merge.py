@@ -1,0 +1,56 @@
+"""The OPC UA driver merges the changes of one instant into one snapshot."""
+
+import asyncio
+from datetime import datetime, timezone
+
+from agent.clock import Clock
+from drivers.opcua import CncDriver
+from drivers.profile import load_nodemap
+
+
+def _driver(readings):
+    nm = load_nodemap("opc40502")
+    ids = nm.resolve({"namespace": "urn:x", "channel": "C", "job": "J"})
+    return CncDriver("cnc", "opc.tcp://127.0.0.1:1", nm, ids, Clock(), readings.append, interval_s=0.02)
+
+
+async def test_instant_split_over_two_notifications_is_one_snapshot():
+    readings = []
+    d = _driver(readings)
+    clock = Clock()
+    t = datetime.fromtimestamp(clock.wall() - 0.01, timezone.utc)
+    # Same SourceTimestamp, two notifications: the state first, the job id a publish later.
+    d._apply([("channel_status", 0, t, True), ("program_status", 1, t, True)])
+    await asyncio.sleep(0.005)
+    d._apply([("job_id", "J-7", t, True), ("parts_total", 3, t, True)])
+    assert readings == []  # the instant may still grow
+    deadline = asyncio.get_running_loop().time() + 2
+    while not readings and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    (r,) = readings
+    assert r.values == {"channel_status": 0, "program_status": 1, "job_id": "J-7", "parts_total": 3}
+
+
+async def test_a_later_instant_releases_the_earlier_one_in_order():
+    readings = []
+    d = _driver(readings)
+    w = Clock().wall()
+    t1 = datetime.fromtimestamp(w - 0.5, timezone.utc)
+    t2 = datetime.fromtimestamp(w - 0.2, timezone.utc)
+    d._apply([("job_id", "A", t1, True), ("job_id", "B", t2, True), ("parts_total", 1, t2, True)])
+    assert [r.values for r in readings] == [{"job_id": "A"}]
+    d._flush()
+    assert [r.values for r in readings] == [{"job_id": "A"}, {"job_id": "B", "parts_total": 1}]
+    assert readings[0].t < readings[1].t
+    assert abs(readings[1].wall - t2.timestamp()) < 1e-3  # stamped at the source time
+
+
+async def test_a_bad_status_removes_the_value_and_is_reported():
+    readings = []
+    d = _driver(readings)
+    t = datetime.fromtimestamp(Clock().wall() - 0.1, timezone.utc)
+    d._apply([("program", "O1", t, True)])
+    d._flush()
+    d._apply([("program", None, None, False)])
+    d._flush()
+    assert readings[-1].values == {} and readings[-1].bad == ("program",)
