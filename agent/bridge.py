@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -29,6 +30,15 @@ BATCH_MAX = 500
 BATCH_WINDOW_S = 0.05
 
 
+def default_client_id(cfg) -> str:
+    """influx.client_id, else one per site and target store: two bridges writing to different
+    stores must not share a session (the broker would keep disconnecting one of them)."""
+    if cfg.influx.client_id:
+        return cfg.influx.client_id
+    target = f"{cfg.influx.url}|{cfg.influx.database or ''}|{cfg.influx.org or ''}|{cfg.influx.bucket or ''}"
+    return f"energy-bridge-{cfg.site}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
+
+
 class Bridge:
     def __init__(self, loaded: Loaded, *, dead_letter_path: Path | None = None, batch_max: int = BATCH_MAX):
         cfg = loaded.config
@@ -41,8 +51,7 @@ class Bridge:
         self.prefix = cfg.mqtt.topic_prefix
         self.dead_letter_path = dead_letter_path or loaded.base / "dead-letter.jsonl"
         self.batch_max = batch_max
-        self.client = MqttClient(host=cfg.mqtt.host, port=cfg.mqtt.port,
-                                 client_id=cfg.influx.client_id or f"energy-bridge-{cfg.site}",
+        self.client = MqttClient(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=default_client_id(cfg),
                                  keepalive=cfg.mqtt.keepalive_s, manual_ack=True, clean_start=False)
         self.writer = InfluxWriter.from_config(cfg.influx)
         self.written = 0

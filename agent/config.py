@@ -155,7 +155,7 @@ class InfluxConfig(_Model):
     subscription: str = Field(
         "energy/v1/+/+/+/record", description="MQTT topic filter the bridge subscribes to"
     )
-    client_id: str | None = Field(None, description="bridge MQTT client id (default energy-bridge-<site>)")
+    client_id: str | None = Field(None, description="bridge MQTT client id (default: energy-bridge-<site>-<hash of the target store>)")
 
     @model_validator(mode="after")
     def _target(self) -> "InfluxConfig":

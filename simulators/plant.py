@@ -130,6 +130,7 @@ class PlantRun:
                           "--opcua-port", str(self.opcua_port), "--anchor", anchor_iso)
         self._wait_log(sim, "simulators ready", 30)
         for name, store in self.stores.items():
+            store = {"client_id": f"energy-bridge-{name}", **store}  # one MQTT session per bridge
             path = self._write(f"bridge-{name}.yaml", self.agent_config(store))
             env = {store["token_env"]: "demo-token"} if store.get("token_env") else None
             bridge = self._spawn(f"bridge-{name}", "--log-level", "INFO", "bridge", "-c", str(path), env=env)
