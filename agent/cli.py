@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import datetime, timezone
 from typing import Any
 
 from agent import __version__
@@ -92,7 +93,8 @@ def _job_row(r: dict) -> dict:
     }
 
 
-def print_table(rows: list[dict], columns: tuple[str, ...] | list[str], out=sys.stdout) -> None:
+def print_table(rows: list[dict], columns: tuple[str, ...] | list[str], out=None) -> None:
+    out = out or sys.stdout
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
     out.write("  ".join(c.ljust(widths[c]) for c in columns) + "\n")
     for r in rows:
@@ -100,6 +102,7 @@ def print_table(rows: list[dict], columns: tuple[str, ...] | list[str], out=sys.
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from agent import record
     from agent.ledger import Ledger
 
     loaded = _load(args.config)
@@ -107,9 +110,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     path = cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path
     if not path.exists():
         raise ConfigError(f"ledger.path: {path} does not exist (has the agent run?)")
+    since = None
+    if args.since:
+        try:
+            dt = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"--since: {args.since!r} is not an ISO 8601 time") from None
+        since = record.iso((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp())
     ledger = Ledger(path)
     try:
-        recs = ledger.records(machine=args.machine, since=args.since, limit=args.limit)
+        recs = ledger.records(machine=args.machine, since=since, limit=args.limit)
     finally:
         ledger.close_sync()
     if args.format == "json":
