@@ -1,159 +1,283 @@
-"""``energy-agent bridge``: job records from MQTT into InfluxDB, each exactly once.
+"""``energy-agent bridge``: job records from MQTT into InfluxDB, none lost, each point once.
 
-It subscribes with a persistent session and acknowledges a message to the broker only after
-InfluxDB accepted its point; while InfluxDB is down it retries with capped backoff and keeps
-the messages unacknowledged, so a killed bridge loses nothing (the broker redelivers). A
-redelivered record writes the same point again, which overwrites itself. A payload that is not
-a valid record is never written and never silently dropped: it goes to a dead-letter file
-(JSON lines with the reason), is counted, logged once per kind of problem, and acknowledged.
+The bridge subscribes with a persistent session (clean start off, its own client id) and
+acknowledges a message to the broker only after InfluxDB accepted its point. While InfluxDB is
+down it retries with capped exponential backoff and keeps the messages unacknowledged, so a
+stopped or killed bridge loses nothing: the broker redelivers. A redelivered record writes the
+same point again, which overwrites itself (docs/CONTRACTS.md).
+
+A payload that is not a valid record (not JSON, not the record schema, a field of the wrong
+type, on the wrong topic, or refused by InfluxDB on its own) is never written and never
+silently dropped: it is appended to the dead-letter file (JSON lines: time, topic, reason,
+payload), counted, logged once per kind of problem, and then acknowledged. Replaying the file
+is a matter of publishing its payloads again once the cause is fixed.
+
+Messages arriving within ``batch_window_s`` of each other (up to ``batch_max``) go to
+InfluxDB in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
-from agent.config import Loaded
+from agent.config import Config, Loaded
 from agent.errors import ConfigError, DeliveryError, RecordError
-from agent.influx import InfluxWriter, record_to_point
+from agent.influx import InfluxWriter, WriteRejected, record_to_point
 from agent.mqtt import Message, MqttClient
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 500
 BATCH_WINDOW_S = 0.05
+RETRY_MIN_S = 0.25
+RETRY_MAX_S = 30.0
+DEAD_LETTER_NAME = "bridge-dead-letter.jsonl"
 
 
-def default_client_id(cfg) -> str:
-    """influx.client_id, else one per site and target store: two bridges writing to different
-    stores must not share a session (the broker would keep disconnecting one of them)."""
-    if cfg.influx.client_id:
-        return cfg.influx.client_id
-    target = f"{cfg.influx.url}|{cfg.influx.database or ''}|{cfg.influx.org or ''}|{cfg.influx.bucket or ''}"
-    return f"energy-bridge-{cfg.site}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
+def default_dead_letter_path(loaded: Loaded) -> Path:
+    """``$STATE_DIRECTORY`` (systemd's StateDirectory=) if set, else next to the ledger."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state) / DEAD_LETTER_NAME
+    ledger = loaded.config.ledger.path
+    if not ledger.is_absolute():
+        ledger = loaded.base / ledger
+    return ledger.parent / DEAD_LETTER_NAME
 
 
 class Bridge:
-    def __init__(self, loaded: Loaded, *, dead_letter_path: Path | None = None, batch_max: int = BATCH_MAX):
+    def __init__(self, loaded: Loaded | Config, *, dead_letter_path: Path | str | None = None,
+                 batch_max: int = BATCH_MAX, batch_window_s: float = BATCH_WINDOW_S,
+                 retry_min_s: float = RETRY_MIN_S, retry_max_s: float = RETRY_MAX_S):
+        if isinstance(loaded, Config):
+            loaded = Loaded(loaded, Path("."))
         cfg = loaded.config
-        if cfg.mqtt is None:
-            raise ConfigError("mqtt: the bridge needs an mqtt section")
-        if cfg.influx is None:
-            raise ConfigError("influx: the bridge needs an influx section")
+        missing = [name for name in ("mqtt", "influx") if getattr(cfg, name) is None]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)}: the bridge needs the {' and '.join(missing)} "
+                              f"section{'s' if len(missing) > 1 else ''} in the config")
         self.cfg = cfg
         self.influx_cfg = cfg.influx
-        self.prefix = cfg.mqtt.topic_prefix
-        self.dead_letter_path = dead_letter_path or loaded.base / "dead-letter.jsonl"
-        self.batch_max = batch_max
-        self.client = MqttClient(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=default_client_id(cfg),
-                                 keepalive=cfg.mqtt.keepalive_s, manual_ack=True, clean_start=False)
+        self.dead_letter_path = Path(dead_letter_path) if dead_letter_path else default_dead_letter_path(loaded)
+        self.batch_max = max(1, batch_max)
+        self.batch_window_s = batch_window_s
+        self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
+        self.client_id = cfg.influx.client_id or f"energy-bridge-{cfg.site}"
+        self.client = MqttClient(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=self.client_id,
+                                 keepalive=cfg.mqtt.keepalive_s, manual_ack=True, clean_start=False,
+                                 receive_maximum=2 * self.batch_max)
         self.writer = InfluxWriter.from_config(cfg.influx)
         self.written = 0
-        self.dead = Counter()
+        """Points InfluxDB accepted (replays and redeliveries count again)."""
+        self.dead: Counter[str] = Counter()
+        """Dead-lettered messages by kind: 'not JSON', 'not a record', 'wrong topic', 'rejected'."""
+        self._failing_since: float | None = None
+        self.ready = asyncio.Event()
+        """Set once connected and subscribed (when "bridge running" is logged)."""
 
-    def _dead_letter(self, msg: Message, reason: str) -> None:
-        kind = reason.split(":")[0]
-        if kind not in self.dead:
-            log.warning("dead-lettering a message on %s: %s (further ones of this kind are counted, not logged)",
-                        msg.topic, reason)
-        self.dead[kind] += 1
-        try:
-            text = msg.payload.decode("utf-8")
-            payload: dict = {"payload": text}
-        except UnicodeDecodeError:
-            payload = {"payload_base64": base64.b64encode(msg.payload).decode()}
-        entry = {"received": time.time(), "topic": msg.topic, "reason": reason, **payload}
-        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.dead_letter_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    # ------------------------------------------------------------------ conversion
 
     def convert(self, msg: Message):
-        """The point of a message, or None after dead-lettering it."""
+        """The point of a message, or ``(kind, reason)`` why it is not a record."""
         try:
             rec = json.loads(msg.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._dead_letter(msg, f"not JSON: {exc}")
-            return None
+        except UnicodeDecodeError as exc:
+            return "not JSON", f"not UTF-8 text: {exc}"
+        except RecursionError:
+            return "not JSON", "nested too deeply"
+        except ValueError as exc:  # JSONDecodeError, and integers with too many digits
+            return "not JSON", str(exc)
         try:
             point = record_to_point(rec, self.influx_cfg.measurement)
         except RecordError as exc:
-            self._dead_letter(msg, f"not a record: {exc}")
-            return None
-        expected = f"{self.prefix}/{rec['site']}/{rec['agent']}/{rec['machine']}/record"
-        if msg.topic != expected:
-            self._dead_letter(msg, f"wrong topic: the record belongs on {expected}")
-            return None
+            return "not a record", str(exc)
+        levels = msg.topic.split("/")
+        expected = [rec["site"], rec["agent"], rec["machine"], "record"]
+        if levels[-4:] != expected:
+            return "wrong topic", f"the record of {'/'.join(expected[:3])} came on {msg.topic!r}"
         return point
 
-    async def _write(self, points: list, stop: asyncio.Event) -> bool:
-        """Write until it succeeds (True) or the bridge stops (False)."""
-        backoff = 0.0
-        failing_since: float | None = None
+    def _dead_letter(self, msg: Message, kind: str, reason: str) -> None:
+        """Append the message to the dead-letter file (OSError if that fails)."""
+        try:
+            payload: dict = {"payload": msg.payload.decode("utf-8")}
+        except UnicodeDecodeError:
+            payload = {"payload_base64": base64.b64encode(msg.payload).decode()}
+        entry = {"received": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "topic": msg.topic,
+                 "kind": kind, "reason": f"{kind}: {reason}", **payload}
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dead_letter_path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if kind not in self.dead:
+            log.warning("dead-lettered a message on %s to %s: %s: %s (further ones of this kind are counted, "
+                        "not logged)", msg.topic, self.dead_letter_path, kind, reason)
+        self.dead[kind] += 1
+
+    async def _reject(self, msg: Message, kind: str, reason: str, stop: asyncio.Event) -> bool:
+        """Dead-letter and acknowledge; retries while the file cannot be written. False: stopping."""
+        delay = self.retry_min_s
+        logged = False
+        while True:
+            try:
+                self._dead_letter(msg, kind, reason)
+                break
+            except OSError as exc:
+                if not logged:
+                    log.error("cannot write the dead-letter file %s (%s); the message stays unacknowledged, "
+                              "retrying", self.dead_letter_path, exc)
+                    logged = True
+            if await _sleep_or_stop(stop, delay):
+                return False
+            delay = min(self.retry_max_s, delay * 2)
+        self.client.ack(msg)
+        return True
+
+    # ------------------------------------------------------------------ writing
+
+    async def _write(self, points: list, stop: asyncio.Event) -> WriteRejected | None | bool:
+        """Write until InfluxDB accepts (None), rejects the points (WriteRejected) or we stop (False)."""
+        delay = self.retry_min_s
         while True:
             try:
                 await self.writer.write(points)
-                if failing_since is not None:
-                    log.info("InfluxDB accepts writes again after %.1f s", time.monotonic() - failing_since)
-                return True
+            except WriteRejected as exc:
+                self._recovered()
+                return exc
             except DeliveryError as exc:
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    log.warning("InfluxDB write failed (%s); retrying, messages stay unacknowledged", exc)
-            backoff = min(30.0, max(0.25, backoff * 2))
-            try:
-                await asyncio.wait_for(stop.wait(), backoff)
-                return False
-            except asyncio.TimeoutError:
-                pass
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    log.warning("write to InfluxDB failed (%s); retrying with backoff up to %g s, the messages "
+                                "stay unacknowledged", exc, self.retry_max_s)
+                if await _sleep_or_stop(stop, delay):
+                    return False
+                delay = min(self.retry_max_s, delay * 2)
+                continue
+            self._recovered()
+            return None
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.info("InfluxDB accepts writes again after %.1f s", time.monotonic() - self._failing_since)
+            self._failing_since = None
+
+    async def _deliver(self, items: list[tuple[Message, object]], stop: asyncio.Event) -> bool:
+        """Write the points, then acknowledge their messages. False: stopping (nothing more acked)."""
+        if not items:
+            return True
+        result = await self._write([p for _, p in items], stop)
+        if result is False:
+            return False
+        if result is None:
+            for msg, _ in items:
+                self.client.ack(msg)
+            self.written += len(items)
+            return True
+        if len(items) == 1:  # InfluxDB refuses this very point
+            return await self._reject(items[0][0], "rejected", str(result), stop)
+        for item in items:  # find the point(s) InfluxDB refuses; the others are written (again: idempotent)
+            if not await self._deliver([item], stop):
+                return False
+        return True
+
+    async def _handle(self, batch: list[Message], stop: asyncio.Event) -> bool:
+        items = []
+        for msg in batch:
+            res = self.convert(msg)
+            if isinstance(res, tuple):
+                if not await self._reject(msg, *res, stop):
+                    return False
+            else:
+                items.append((msg, res))
+        return await self._deliver(items, stop)
+
+    async def _collect(self) -> list[Message]:
+        first = await self.client.next_message(timeout=0.25)
+        if first is None:
+            return []
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_window_s
+        while len(batch) < self.batch_max:
+            left = deadline - loop.time()
+            msg = await self.client.next_message(timeout=max(0.0, left))
+            if msg is None:
+                break
+            batch.append(msg)
+        return batch
+
+    # ------------------------------------------------------------------ main loop
+
+    def _check_dead_letter_file(self) -> None:
+        try:
+            self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.dead_letter_path, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"bridge dead-letter file {self.dead_letter_path}: cannot write: {exc.strerror or exc}") from None
+
+    async def _connect(self, stop: asyncio.Event) -> bool:
+        try:
+            await self.client.connect(timeout=10.0)
+            return True
+        except DeliveryError as exc:
+            log.warning("%s; still trying (paho reconnects in the background)", exc)
         while not stop.is_set():
             try:
-                await self.client.connect(timeout=10.0)
-                break
-            except DeliveryError as exc:
-                log.warning("%s; retrying", exc)
-        await self.client.subscribe(self.influx_cfg.subscription, qos=1)
-        log.info("bridge running: %s -> %s (%s)", self.influx_cfg.subscription, self.influx_cfg.url, self.influx_cfg.api)
+                await self.client.wait_connected(0.5)
+                return True
+            except DeliveryError:
+                pass
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Bridge until ``stop`` is set. Unacknowledged messages are redelivered to the next run."""
+        self._check_dead_letter_file()
+        ic = self.influx_cfg
         try:
+            if not await self._connect(stop):
+                return
+            try:
+                await self.client.subscribe(ic.subscription, qos=1)
+            except DeliveryError:
+                if self.client.connected:
+                    raise  # refused by the broker: a bridge without its subscription is useless
+                # lost the connection meanwhile: the subscription is issued again on reconnect
+            target = ic.database if ic.api == "v1" else ic.bucket
+            log.info("bridge running: %s -> %s (%s, %s) as %s, dead letters to %s", ic.subscription, ic.url,
+                     ic.api, target, self.client_id, self.dead_letter_path)
+            self.ready.set()
             while not stop.is_set():
-                first = await self.client.next_message(timeout=0.5)
-                if first is None:
-                    continue
-                batch = [first]
-                deadline = asyncio.get_running_loop().time() + BATCH_WINDOW_S
-                while len(batch) < self.batch_max:
-                    left = deadline - asyncio.get_running_loop().time()
-                    msg = await self.client.next_message(timeout=max(0.0, left)) if left > 0 else None
-                    if msg is None:
-                        break
-                    batch.append(msg)
-                good: list[Message] = []
-                points = []
-                for msg in batch:
-                    point = self.convert(msg)
-                    if point is None:
-                        self.client.ack(msg)
-                    else:
-                        good.append(msg)
-                        points.append(point)
-                if points and not await self._write(points, stop):
-                    break  # stopping: unacknowledged messages are redelivered to the next bridge
-                for msg in good:
-                    self.client.ack(msg)
-                self.written += len(points)
+                batch = await self._collect()
+                if batch and not await self._handle(batch, stop):
+                    break  # stopping: what is not acknowledged is redelivered to the next run
         finally:
             await self.client.close()
             self.writer.close()
-            log.info("bridge stopped: %d points written, dead letters %s", self.written, dict(self.dead) or 0)
+            log.info("bridge stopped: %d points written, dead letters: %s", self.written,
+                     ", ".join(f"{k} {n}" for k, n in sorted(self.dead.items())) or "none")
 
 
-async def run_bridge(loaded: Loaded, stop: asyncio.Event) -> int:
-    await Bridge(loaded).run(stop)
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep; True if ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return True
+    except asyncio.TimeoutError:
+        return stop.is_set()
+
+
+async def run_bridge(loaded: Loaded, stop: asyncio.Event, *, dead_letter_path: Path | str | None = None) -> int:
+    """Entry point of ``energy-agent bridge -c plant.yaml``: run until ``stop`` is set."""
+    await Bridge(loaded, dead_letter_path=dead_letter_path).run(stop)
     return 0

@@ -121,10 +121,14 @@ class Agent:
                 pass
 
     async def _ticker(self, stop: asyncio.Event) -> None:
+        all_seen = False
         while not stop.is_set():
             now = self.clock.mono()
             for t in self.trackers.values():
                 t.tick(now)
+            if not all_seen and all(t.seen_cnc and len(t.samples) for t in self.trackers.values()):
+                all_seen = True
+                log.info("all devices answering (%.1f s after start)", time.monotonic() - self.stats.started)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
             except asyncio.TimeoutError:

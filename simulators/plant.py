@@ -66,7 +66,7 @@ class PlantRun:
     stores: dict[str, dict]
     """Bridge name -> the ``influx`` config section it writes to."""
     scenario_path: Path = DEMO_SCENARIO
-    lead_s: float = 4.0
+    lead_s: float = 6.0
     """Real seconds between start-up and the scenario's time zero (simulators and agent connect)."""
     procs: list[Proc] = field(default_factory=list)
 
@@ -123,21 +123,28 @@ class PlantRun:
         raise RuntimeError(f"{proc.name}: no '{text}' within {timeout} s:\n{proc.tail()}")
 
     def start(self) -> None:
-        """Start simulators, agent and bridges; returns when all are up."""
+        """Start simulators, bridges and agent together; returns when all are up and every
+        device has answered the agent, and fails if that took longer than the lead-in."""
         self.anchor = time.time() + self.lead_s
         anchor_iso = datetime.fromtimestamp(self.anchor, timezone.utc).isoformat()
         sim = self._spawn("simulate", "simulate", str(self.scenario_path), "--modbus-port", str(self.modbus_port),
                           "--opcua-port", str(self.opcua_port), "--anchor", anchor_iso)
-        self._wait_log(sim, "simulators ready", 30)
+        bridges = []
         for name, store in self.stores.items():
             store = {"client_id": f"energy-bridge-{name}", **store}  # one MQTT session per bridge
             path = self._write(f"bridge-{name}.yaml", self.agent_config(store))
             env = {store["token_env"]: "demo-token"} if store.get("token_env") else None
-            bridge = self._spawn(f"bridge-{name}", "--log-level", "INFO", "bridge", "-c", str(path), env=env)
-            self._wait_log(bridge, "bridge running", 30)
+            bridges.append(self._spawn(f"bridge-{name}", "--log-level", "INFO", "bridge", "-c", str(path), env=env))
         agent_cfg = self._write("plant.yaml", self.agent_config(next(iter(self.stores.values()), None)))
         agent = self._spawn("agent", "--log-level", "INFO", "run", "-c", str(agent_cfg))
-        self._wait_log(agent, "running:", 60)
+        self._wait_log(sim, "simulators ready", 30)
+        for bridge in bridges:
+            self._wait_log(bridge, "bridge running", 30)
+        self._wait_log(agent, "all devices answering", 60)
+        first_job = min(j["start_s"] for m in self.scenario["machines"] for j in m.get("jobs", []))
+        if time.time() > self.anchor + first_job / self.speed:
+            raise RuntimeError(f"start-up took longer than the scenario's lead-in ({self.lead_s:g} s + first job "
+                               f"at {first_job:g} s): the agent would join a job already running")
 
     def profiles(self) -> dict[str, str]:
         """Machine id -> the profile name of its meter (for counter resolution)."""

@@ -1,158 +1,412 @@
-"""MQTT adapter and bridge against real Mosquitto, InfluxDB 1.6.7 and VictoriaMetrics."""
+"""MQTT adapter and bridge against real Mosquitto, InfluxDB 1.6.7 and VictoriaMetrics.
+
+Records are built here from docs/CONTRACTS.md. Waits poll a condition with a deadline.
+"""
 
 import asyncio
+import base64
+import hashlib
 import json
+import logging
+import os
+import re
+import signal
 import time
-from types import SimpleNamespace
+from datetime import datetime, timezone
 
 import pytest
 
-from agent import config, record
+from agent import config
 from agent.bridge import Bridge
-from agent.config import EmissionFactor, MeterDevice
+from agent.errors import ConfigError, DeliveryError, RecordError
 from agent.influx import record_to_point
 from agent.mqtt import MqttClient
-from agent.publish import record_topic
-from agent.record import GENESIS, canonical_json
+from agent.states import STATES
+from simulators.services import InfluxDB1, Mosquitto, VictoriaMetrics, free_port
 
-FACTOR = EmissionFactor(value=0.5306, authority="MEE/NBS", document="2023 national average", region="CN",
-                        year=2023, basis="location")
-METER = MeterDevice(id="pm-9", host="127.0.0.1", profile="schneider-iem3000")
+SITE, AGENT = "s1", "gw1"
+FACTOR = {"value": 0.5306, "authority": "MEE/NBS", "document": "2023 national average", "region": "CN",
+          "year": 2023, "basis": "location"}
 
 
-def make_records(n: int, machine: str = "m9", t0: float = 1_790_000_000.0) -> list[dict]:
-    recs, prev = [], GENESIS
-    for i in range(n):
-        kwh = 0.25 + i / 7.0
-        energy = SimpleNamespace(kwh=kwh, estimated_kwh=0.0, method="counter",
-                                 kwh_by_state=(0.0, 0.0, 0.0, kwh, 0.0, 0.0),
-                                 coverage=1.0, gap_count=0, longest_gap_s=0.0, counter_resets=0,
-                                 counter_rollovers=0, counter_jumps=0)
-        info = SimpleNamespace(key=f"J-{i}", job_id=f"J-{i}", program="O42", product="PCB-7", serial=f"S-{i:04d}",
-                               subassembly=None, start=0.0, start_wall=t0 + 600 * i)
-        job = SimpleNamespace(machine=machine, info=info, end=300.0, end_wall=t0 + 600 * i + 300, end_reason="key_cleared",
-                              parts=1, energy=energy, samples=300, bad_samples=0, median_interval_s=1.0, flags=())
-        r = record.build(site="s1", agent="gw1", seq=i + 1, prev_hash=prev, job=job, factor_id="cn-2023",
-                         factor=FACTOR, meter=METER, profile="schneider-iem3000", cnc=None, config_hash="0" * 64)
-        recs.append(r)
-        prev = r["hash"]
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def make_record(i: int, machine: str = "m9", t0: float = 1_790_000_000.0, prev: str = "0" * 64, **job) -> dict:
+    """Record ``i`` of a machine, shaped as docs/CONTRACTS.md "Emission record" says."""
+    start = t0 + 600 * i + 0.123456
+    kwh = round(0.25 + i / 7.0, 6)
+    by_state = dict.fromkeys(STATES, 0.0) | {"processing": round(kwh - 0.01, 6), "setup": 0.01}
+    key = job.pop("key", f"J-{i}")
+    rec = {
+        "schema": "energy-agent.job-record/1",
+        "record_id": hashlib.sha256(f"{SITE}/{AGENT}/{machine}/{key}/{iso(start)}".encode()).hexdigest()[:32],
+        "site": SITE, "agent": AGENT, "machine": machine, "seq": i + 1,
+        "job": {"key": key, "job_id": key, "program": "O42", "product": "PCB-7", "serial": f"S-{i:04d}",
+                "subassembly": None, "parts": 1} | job,
+        "start": iso(start), "end": iso(start + 330), "duration_s": 330.0,
+        "energy": {"kwh": kwh, "estimated_kwh": 0.0, "method": "counter", "by_state": by_state},
+        "emissions": {"kgco2e": round(kwh * FACTOR["value"], 6),
+                      "factor": {"id": "cn-2023", **FACTOR, "unit": "kgCO2e/kWh", "method": "",
+                                 "valid_from": None, "valid_to": None}},
+        "quality": {"coverage": 0.98, "gap_count": 1, "longest_gap_s": 2.5, "counter_resets": 0,
+                    "counter_rollovers": 0, "counter_jumps": 0, "estimated_share": 0.0, "samples": 331,
+                    "bad_samples": 0, "median_interval_s": 1.0, "flags": []},
+        "meter": {"id": "pm-9", "profile": "schneider-iem3000", "accuracy": None, "calibration": None,
+                  "boundary": None},
+        "cnc": None,
+        "allocation": "direct",
+        "provenance": {"agent_version": "0.1.0", "config_hash": "0" * 64, "kernel": "job_energy/1"},
+        "prev_hash": prev,
+    }
+    rec["hash"] = hashlib.sha256(json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return rec
+
+
+def make_records(n: int, machine: str = "m9", first: int = 0) -> list[dict]:
+    recs, prev = [], "0" * 64
+    for i in range(first, first + n):
+        recs.append(make_record(i, machine, prev=prev))
+        prev = recs[-1]["hash"]
     return recs
 
 
-def bridge_config(tmp_path, mqtt_port, influx: dict) -> config.Loaded:
+def topic(rec: dict) -> str:
+    return f"energy/v1/{rec['site']}/{rec['agent']}/{rec['machine']}/record"
+
+
+def payload(rec: dict) -> bytes:
+    return json.dumps(rec).encode()
+
+
+def bridge_config(tmp_path, mqtt_port: int, influx: dict) -> config.Loaded:
     data = {
-        "site": "s1", "agent_id": "gw1",
-        "emission_factors": {"cn-2023": FACTOR.model_dump(mode="json")},
-        "meters": [], "cncs": [], "machines": [],
+        "site": SITE, "agent_id": AGENT,
+        "emission_factors": {"cn-2023": FACTOR}, "meters": [], "cncs": [], "machines": [],
         "mqtt": {"host": "127.0.0.1", "port": mqtt_port},
         "influx": influx,
     }
     return config.parse(data, tmp_path)
 
 
-async def _until(cond, timeout, what):
+async def until(cond, timeout: float, what: str):
+    """Poll ``cond`` (sync or async) until truthy; its value."""
     deadline = time.monotonic() + timeout
     while True:
         v = await cond() if asyncio.iscoroutinefunction(cond) else cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def publish_all(port: int, recs: list[dict], client_id: str) -> None:
-    c = MqttClient(host="127.0.0.1", port=port, client_id=client_id)
+    c = MqttClient(host="127.0.0.1", port=port, client_id=client_id, clean_start=True)
     await c.connect(5)
     try:
-        await asyncio.gather(*(c.publish(record_topic("energy/v1", r), canonical_json(r)) for r in recs))
+        await asyncio.gather(*(c.publish(topic(r), payload(r)) for r in recs))
     finally:
         await c.close()
 
 
-async def test_publish_waits_for_puback_with_many_in_flight(mosquitto):
-    sub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="t-sub", manual_ack=False, clean_start=True)
+class Running:
+    """A Bridge running as a task; ``async with`` stops it and re-raises what it raised."""
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+        self.stop = asyncio.Event()
+
+    async def __aenter__(self) -> Bridge:
+        self.task = asyncio.create_task(self.bridge.run(self.stop))
+        await until(lambda: self.bridge.ready.is_set() or self.task.done(), 10, "the bridge to subscribe")
+        if self.task.done():
+            self.task.result()
+        return self.bridge
+
+    async def __aexit__(self, *exc) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 15)
+
+
+def rows_by_id(influxdb, db: str) -> dict:
+    try:
+        rows = influxdb.query("SELECT * FROM job_energy", db)
+    except Exception:  # noqa: BLE001 - while the database is down
+        return {}
+    return {r["record_id"]: r for r in rows}
+
+
+def assert_row_matches(row: dict, rec: dict) -> None:
+    start_ns = int(round(datetime.strptime(rec["start"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                         .replace(tzinfo=timezone.utc).timestamp() * 1e6)) * 1000
+    assert row["time"] == start_ns
+    assert row["kwh"] == pytest.approx(rec["energy"]["kwh"], abs=1e-12)
+    for s in STATES:
+        assert row[f"kwh_{s}"] == pytest.approx(rec["energy"]["by_state"][s], abs=1e-12)
+    assert row["kgco2e"] == pytest.approx(rec["emissions"]["kgco2e"], abs=1e-12)
+    assert row["factor"] == rec["emissions"]["factor"]["value"] and row["factor_id"] == "cn-2023"
+    assert (row["site"], row["agent"], row["machine"], row["program"], row["product"], row["serial"]) == (
+        SITE, AGENT, rec["machine"], "O42", "PCB-7", rec["job"]["serial"])
+    assert row.get("subassembly") is None  # null in the record: no tag
+    assert (row["job_id"], row["seq"], row["hash"], row["method"]) == (
+        rec["job"]["job_id"], rec["seq"], rec["hash"], "counter")
+    assert row["duration_s"] == 330.0 and row["end_ns"] == start_ns + 330 * 10**9
+    assert (row["coverage"], row["gap_count"], row["longest_gap_s"], row["counter_resets"]) == (0.98, 1, 2.5, 0)
+    assert row["estimated_kwh"] == 0.0
+
+
+# ---------------------------------------------------------------------- the point, no services
+
+
+def test_point_is_the_contract():
+    rec = make_record(3)
+    rec["energy"]["kwh"] = 1  # an integral JSON number is still written as a float
+    line = record_to_point(rec).to_line_protocol()
+    head, fields, ts = line.split(" ")
+    assert head == "job_energy,agent=gw1,machine=m9,product=PCB-7,program=O42,serial=S-0003,site=s1"
+    assert int(ts) == 1_790_001_800_123_456_000
+    kv = dict(f.split("=", 1) for f in fields.split(","))
+    assert set(kv) == {"record_id", "job_id", "seq", "kwh", *(f"kwh_{s}" for s in STATES), "estimated_kwh",
+                       "kgco2e", "factor", "factor_id", "duration_s", "end_ns", "coverage", "gap_count",
+                       "longest_gap_s", "counter_resets", "method", "hash"}
+    assert (kv["seq"], kv["gap_count"], kv["counter_resets"]) == ("4i", "1i", "0i")
+    assert kv["end_ns"] == f"{1_790_001_800_123_456_000 + 330 * 10**9}i"
+    assert kv["kwh"] == "1" and kv["method"] == '"counter"' and kv["record_id"] == f'"{rec["record_id"]}"'
+    assert record_to_point(rec, "other").to_line_protocol().startswith("other,")
+    rec["job"].update(program=None, product="", serial=None, job_id=None)
+    head = record_to_point(rec).to_line_protocol().split(" ")[0]
+    assert head == "job_energy,agent=gw1,machine=m9,site=s1"
+    assert 'job_id="J-3"' in record_to_point(rec).to_line_protocol()  # no job id: the job key
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("schema", "energy-agent.job-record/2", "unknown schema"),
+    ("energy.kwh", "1.5", "'energy.kwh' must be int/float, not str"),
+    ("energy.kwh", float("nan"), "'energy.kwh' must be a finite number"),
+    ("energy.by_state.setup", None, "'energy.by_state.setup' must be int/float, not null"),
+    ("seq", 2**64, "'seq' must be an integer in [0, 2^63)"),
+    ("seq", 1.0, "'seq' must be int, not float"),
+    ("quality.gap_count", True, "'quality.gap_count' must be int, not bool"),
+    ("start", "2999-01-01T00:00:00.000000Z", "outside what InfluxDB can store"),
+    ("end", "yesterday", "'end': 'yesterday' is not a UTC time"),
+    ("machine", "", "'machine' is empty"),
+    ("job.serial", 7, "'job.serial' must be str, not int"),
+    ("job.program", "\ud800", "'job.program' is not valid Unicode text"),
+    ("hash", None, "'hash' must be str, not null"),
+])
+def test_invalid_records_name_the_field(path, value, message):
+    rec = make_record(0)
+    *parents, last = path.split(".")
+    cur = rec
+    for p in parents:
+        cur = cur[p]
+    cur[last] = value
+    with pytest.raises(RecordError, match=re.escape(message)):
+        record_to_point(rec)
+    del cur[last]
+    with pytest.raises(RecordError, match=f"'{path}' is missing" if path != "schema" else "unknown schema"):
+        record_to_point(rec)
+
+
+def test_bridge_needs_mqtt_and_influx(tmp_path):
+    loaded = bridge_config(tmp_path, 1883, {"api": "v1", "url": "http://127.0.0.1:1", "database": "x"})
+    for missing in ("mqtt", "influx"):
+        cfg = loaded.config.model_copy(update={missing: None})
+        with pytest.raises(ConfigError, match=f"^{missing}: the bridge needs"):
+            Bridge(config.Loaded(cfg, tmp_path))
+
+
+# ---------------------------------------------------------------------- MQTT adapter
+
+
+async def test_many_concurrent_publishes_each_return_on_their_puback(mosquitto):
+    sub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="t-sub", clean_start=True)
     await sub.connect(5)
-    await sub.subscribe("load/#", qos=1)
-    await asyncio.sleep(0.2)
-    pub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="t-pub", max_inflight=200)
+    await sub.subscribe("load/#", qos=1)  # returns on SUBACK
+    pub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="t-pub", max_inflight=100)
     await pub.connect(5)
     n = 500
+    t0 = time.monotonic()
     await asyncio.gather(*(pub.publish(f"load/{i}", str(i).encode()) for i in range(n)))
+    elapsed = time.monotonic() - t0
     got = set()
     while len(got) < n:
         m = await sub.next_message(timeout=5)
         assert m is not None, f"only {len(got)} of {n} arrived"
         got.add(int(m.payload))
     assert got == set(range(n))
+    assert elapsed < 10, f"{n} publishes took {elapsed:.1f} s"
+    assert not pub._pending  # every future resolved and forgotten
     await pub.close()
     await sub.close()
 
 
-async def test_connect_to_a_closed_port_is_a_delivery_error():
-    from agent.errors import DeliveryError
-    from simulators.services import free_port
+async def test_publish_waits_for_the_puback(tmp_path):
+    """With the broker frozen (SIGSTOP), publish does not return; it does once the broker answers."""
+    broker = Mosquitto().start(tmp_path)
+    c = MqttClient(host="127.0.0.1", port=broker.port, client_id="waiter", keepalive=60)
+    try:
+        await c.connect(5)
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DeliveryError, match="no acknowledgement within 0.3 s"):
+                await c.publish("t/a", b"1", timeout=0.3)
+            pending = asyncio.create_task(c.publish("t/b", b"2", timeout=10))
+            await asyncio.sleep(0.3)
+            assert not pending.done()
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        await asyncio.wait_for(pending, 5)
+        await c.publish("t/c", b"3", qos=0)  # QoS 0: nothing to wait for
+    finally:
+        await c.close()
+        broker.stop()
 
+
+async def test_outage_fails_fast_logs_once_and_reconnects_with_subscriptions(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    broker = Mosquitto().start(tmp_path)
+    c = MqttClient(host="127.0.0.1", port=broker.port, client_id="outage", reconnect_min_s=1, reconnect_max_s=1)
+    try:
+        await c.connect(5)
+        await c.subscribe("back/#")
+        broker.stop()
+        await until(lambda: not c.connected, 5, "the client to notice")
+        t0 = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(DeliveryError, match="not connected"):
+                await c.publish("back/x", b"lost?")
+        assert time.monotonic() - t0 < 0.5
+        broker.start(tmp_path)
+        await c.wait_connected(10)
+        assert c.session_present and c.reconnects == 1
+        await c.publish("back/y", b"after")
+        m = await c.next_message(5)  # resubscribed: our own message comes back
+        assert m is not None and (m.topic, m.payload) == ("back/y", b"after")
+    finally:
+        await c.close()
+        broker.stop()
+    records = [r for r in caplog.records if r.name == "agent.mqtt"]
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    again = [r for r in records if "connected again" in r.getMessage()]
+    assert len(warnings) == 1 and "connection lost" in warnings[0].getMessage()
+    assert len(again) == 1 and "after" in again[0].getMessage()
+
+
+async def test_connect_to_a_closed_port_says_refused():
     c = MqttClient(host="127.0.0.1", port=free_port(), client_id="nobody")
-    with pytest.raises(DeliveryError, match="127.0.0.1"):
-        await c.connect(timeout=1.0)
+    with pytest.raises(DeliveryError, match="127.0.0.1.*connection refused"):
+        await c.connect(timeout=0.5)
     await c.close()
+
+
+async def test_two_clients_with_one_client_id_are_named_once(tmp_path, caplog):
+    """The broker drops the older of two clients sharing a client id, then the other: say so, once."""
+    caplog.set_level(logging.DEBUG, logger="agent.mqtt")
+    broker = Mosquitto().start(tmp_path)
+    a = MqttClient(host="127.0.0.1", port=broker.port, client_id="twin", reconnect_min_s=1, reconnect_max_s=1)
+    b = MqttClient(host="127.0.0.1", port=broker.port, client_id="twin", reconnect_min_s=1, reconnect_max_s=1)
+    try:
+        await a.connect(5)
+        await b.connect(5)
+
+        def named():
+            return [r for r in caplog.records if r.levelno == logging.ERROR and "'twin'" in r.getMessage()]
+
+        await until(named, 15, "the client id conflict to be reported")
+    finally:
+        await a.close()
+        await b.close()
+        broker.stop()
+    assert len(named()) == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) <= 2 * 3
+
+
+async def test_manual_ack_holds_messages_until_acked(mosquitto):
+    pub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="ma-pub", clean_start=True)
+    await pub.connect(5)
+    sub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="ma-sub", manual_ack=True)
+    await sub.connect(5)
+    await sub.subscribe("ma/#")
+    await pub.publish("ma/1", b"one")
+    await pub.publish("ma/2", b"two")
+    first = [await sub.next_message(5), await sub.next_message(5)]
+    sub.ack(first[0])  # only the first
+    await asyncio.sleep(0.1)
+    await sub.close()
+    sub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="ma-sub", manual_ack=True)
+    await sub.connect(5)
+    again = await sub.next_message(5)
+    assert again is not None and again.payload == b"two"  # redelivered: never acked
+    sub.ack(again)
+    assert await sub.next_message(0.3) is None
+    await sub.close()
+    await pub.close()
+
+
+# ---------------------------------------------------------------------- bridge
 
 
 async def test_bridge_to_influxdb_v1_once_and_idempotent(tmp_path, mosquitto, influxdb):
     influxdb.create_database("bridge_v1")
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url, "database": "bridge_v1",
                                                        "client_id": "bridge-v1-test"})
-    bridge = Bridge(loaded)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
-    try:
-        await _until(lambda: bridge.client.connected, 10, "bridge connected")
-        recs = make_records(12)
+    recs = make_records(12)
+    async with Running(Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl")) as bridge:
         await publish_all(mosquitto.port, recs, "pub-v1")
         await publish_all(mosquitto.port, recs[:5], "pub-v1-replay")  # replayed records
-        rows = await _until(lambda: (r := influxdb.query("SELECT * FROM job_energy", "bridge_v1")) and len(r) >= 12
-                            and bridge.written >= 17 and r, 15, "points")
-    finally:
-        stop.set()
-        await task
+        await until(lambda: bridge.written >= 17, 15, "17 writes")
     rows = influxdb.query("SELECT * FROM job_energy", "bridge_v1")
-    assert len(rows) == 12  # 17 writes, 12 records: replays overwrote their own points
+    assert len(rows) == 12  # 17 writes, 12 records: the replays overwrote their own points
     by_id = {r["record_id"]: r for r in rows}
     for rec in recs:
-        row = by_id[rec["record_id"]]
-        assert row["kwh"] == pytest.approx(rec["energy"]["kwh"], abs=1e-12)
-        assert row["kgco2e"] == pytest.approx(rec["emissions"]["kgco2e"], abs=1e-12)
-        assert (row["machine"], row["serial"], row["program"], row["job_id"]) == (
-            "m9", rec["job"]["serial"], "O42", rec["job"]["job_id"])
-        assert row["seq"] == rec["seq"] and row["hash"] == rec["hash"]
+        assert_row_matches(by_id[rec["record_id"]], rec)
+    assert not bridge.dead and not (tmp_path / "dl.jsonl").read_text()
 
 
-async def test_bridge_to_victoriametrics_v2(tmp_path, mosquitto, victoria):
+@pytest.fixture(scope="module")
+def own_victoria(tmp_path_factory):
+    """A VictoriaMetrics of this module's own: it has no databases to keep tests apart."""
+    with VictoriaMetrics().start(tmp_path_factory.mktemp("vm-bridge")) as vm:
+        yield vm
+
+
+async def test_bridge_to_victoriametrics_v2(tmp_path, mosquitto, own_victoria, monkeypatch):
+    victoria = own_victoria
+    monkeypatch.setenv("VM_TEST_TOKEN", "secret")
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v2", "url": victoria.url, "org": "o", "bucket": "b",
-                                                       "client_id": "bridge-vm-test"})
-    bridge = Bridge(loaded)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
+                                                       "token_env": "VM_TEST_TOKEN", "client_id": "bridge-vm-test"})
     recs = make_records(6, machine="vm-m1")
-    try:
-        await _until(lambda: bridge.client.connected, 10, "bridge connected")
+    async with Running(Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl")) as bridge:
         await publish_all(mosquitto.port, recs, "pub-vm")
-        await _until(lambda: bridge.written >= 6, 15, "6 writes")
-    finally:
-        stop.set()
-        await task
+        await publish_all(mosquitto.port, recs[:2], "pub-vm-replay")
+        await until(lambda: bridge.written >= 8, 15, "8 writes")
     victoria.force_flush()
-    series = victoria.export('{__name__="job_energy_kwh",machine="vm-m1"}')
-    values = sorted((ts, v) for s in series for ts, v in zip(s["timestamps"], s["values"]))
-    assert len(values) == 6
-    expected = sorted((int(record_to_point(r)._time // 1_000_000), r["energy"]["kwh"]) for r in recs)
-    assert [ts for ts, _ in values] == [ts for ts, _ in expected]
-    assert [v for _, v in values] == pytest.approx([v for _, v in expected], abs=1e-9)
+    series = {s["metric"]["__name__"]: s for s in victoria.export('{machine="vm-m1"}')}
+    # VictoriaMetrics flattens <measurement>_<field>; tags become labels (the v2 bucket does not:
+    # no db label); string fields become series whose values are all 0.
+    assert set(series) == {f"job_energy_{f}" for f in (
+        "record_id", "job_id", "seq", "kwh", *(f"kwh_{s}" for s in STATES), "estimated_kwh", "kgco2e", "factor",
+        "factor_id", "duration_s", "end_ns", "coverage", "gap_count", "longest_gap_s", "counter_resets", "method",
+        "hash")}
+    kwh = series["job_energy_kwh"]
+    assert {k: v for k, v in kwh["metric"].items() if k != "serial"} == {
+        "__name__": "job_energy_kwh", "site": SITE, "agent": AGENT, "machine": "vm-m1",
+        "program": "O42", "product": "PCB-7"}
+    samples = sorted((ts, v) for s in victoria.export('{__name__="job_energy_kwh",machine="vm-m1"}')
+                     for ts, v in zip(s["timestamps"], s["values"]))
+    expected = sorted((record_to_point(r)._time // 1_000_000, r["energy"]["kwh"]) for r in recs)
+    assert [ts for ts, _ in samples] == [ts for ts, _ in expected]  # 6, not 8: deduplicated
+    assert [v for _, v in samples] == pytest.approx([v for _, v in expected], abs=1e-12)
+    assert set(series["job_energy_method"]["values"]) == {0}
+    assert series["job_energy_seq"]["values"] in ([1], [2], [3], [4], [5], [6])
 
 
 MALFORMED = [
     b"", b"not json", b"{", b"[]", b"null", b"42", b'"a string"', b"\xff\xfe\x00garbage",
+    b"[" * 100_000, b'{"schema": 1' + b"0" * 5000 + b"}", b'{"a": NaN}',
     json.dumps({"schema": "energy-agent.job-record/999"}).encode(),
     json.dumps({"schema": "energy-agent.job-record/1"}).encode(),
 ]
@@ -162,7 +416,8 @@ def _mutations(rec: dict) -> list[bytes]:
     out = []
     for path, value in [("energy.kwh", "1.5"), ("energy.kwh", None), ("start", "yesterday"), ("seq", 1.5),
                         ("machine", 7), ("quality.gap_count", "0"), ("energy.by_state", []), ("hash", None),
-                        ("emissions.kgco2e", True), ("job", "J-1"), ("end", 12345)]:
+                        ("emissions.kgco2e", True), ("job", "J-1"), ("end", 12345), ("seq", 2**70),
+                        ("start", "0001-01-01T00:00:00.000000Z")]:
         r = json.loads(json.dumps(rec))
         cur = r
         *parents, last = path.split(".")
@@ -173,38 +428,106 @@ def _mutations(rec: dict) -> list[bytes]:
     r = json.loads(json.dumps(rec))
     del r["energy"]
     out.append(json.dumps(r).encode())
+    r = json.loads(json.dumps(rec))
+    r["energy"]["kwh"] = float("inf")
+    out.append(json.dumps(r).encode())  # Python writes Infinity, which json.loads reads back
     return out
 
 
-async def test_bridge_dead_letters_malformed_payloads_and_keeps_working(tmp_path, mosquitto, influxdb):
+async def test_bridge_dead_letters_malformed_payloads_and_keeps_working(tmp_path, mosquitto, influxdb, caplog):
+    caplog.set_level(logging.WARNING, logger="agent.bridge")
     influxdb.create_database("bridge_fuzz")
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url, "database": "bridge_fuzz",
                                                        "client_id": "bridge-fuzz-test"})
-    bridge = Bridge(loaded)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
     good = make_records(3, machine="fz")
     bad = MALFORMED + _mutations(good[0]) + [b"x" * 300_000]
-    wrong_topic = canonical_json(good[1])
-    try:
-        await _until(lambda: bridge.client.connected, 10, "bridge connected")
-        c = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="fuzzer")
+    dl = tmp_path / "dead" / "letters.jsonl"
+    async with Running(Bridge(loaded, dead_letter_path=dl)) as bridge:
+        c = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="fuzzer", clean_start=True)
         await c.connect(5)
-        for payload in bad:
-            await c.publish("energy/v1/s1/gw1/fz/record", payload)
-        await c.publish("energy/v1/s1/gw1/other-machine/record", wrong_topic)
+        await asyncio.gather(*(c.publish("energy/v1/s1/gw1/fz/record", p) for p in bad))
+        await c.publish("energy/v1/s1/gw1/other-machine/record", payload(good[1]))
         await c.close()
         await publish_all(mosquitto.port, good, "pub-after-fuzz")
-        await _until(lambda: bridge.written >= 3 and sum(bridge.dead.values()) >= len(bad) + 1, 15, "all handled")
-    finally:
-        stop.set()
-        await task  # raises if the bridge crashed on any payload
+        await until(lambda: bridge.written >= 3 and sum(bridge.dead.values()) >= len(bad) + 1, 15, "all handled")
     rows = influxdb.query("SELECT * FROM job_energy", "bridge_fuzz")
     assert sorted(r["record_id"] for r in rows) == sorted(r["record_id"] for r in good)
-    lines = (tmp_path / "dead-letter.jsonl").read_text().splitlines()
-    assert len(lines) == len(bad) + 1
-    reasons = [json.loads(line)["reason"] for line in lines]
+    entries = [json.loads(line) for line in dl.read_text().splitlines()]
+    assert len(entries) == len(bad) + 1
+    kept = sorted(e["payload"].encode() if "payload" in e else base64.b64decode(e["payload_base64"])
+                  for e in entries)
+    assert kept == sorted(bad + [payload(good[1])])  # every payload kept, byte for byte
+    reasons = [e["reason"] for e in entries]
     assert any(r.startswith("not JSON") for r in reasons)
+    assert any("nested too deeply" in r for r in reasons)
     assert any("unknown schema" in r for r in reasons)
     assert any("record field 'energy.kwh' must be int/float, not str" in r for r in reasons)
+    assert any("must be a finite number" in r for r in reasons)
     assert any(r.startswith("wrong topic") for r in reasons)
+    assert {e["topic"] for e in entries} == {"energy/v1/s1/gw1/fz/record", "energy/v1/s1/gw1/other-machine/record"}
+    assert bridge.dead == {"not JSON": 7, "not a record": len(bad) - 7, "wrong topic": 1}
+    logged = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(logged) == 3  # once per kind
+
+
+async def test_bridge_loses_nothing_while_influxdb_or_the_bridge_is_down(tmp_path, mosquitto, caplog):
+    """Acks follow writes: what was not written is redelivered, also to the next bridge run."""
+    caplog.set_level(logging.INFO, logger="agent.bridge")
+    db = InfluxDB1().start(tmp_path / "influx")
+    try:
+        db.create_database("energy")
+        loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": db.url, "database": "energy",
+                                                           "client_id": "bridge-fault-test"})
+        recs = make_records(12, machine="flt")
+
+        def make():
+            return Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl", retry_min_s=0.05, retry_max_s=0.2)
+
+        async with Running(make()) as bridge:
+            await publish_all(mosquitto.port, recs[:2], "pub-f1")
+            await until(lambda: len(rows_by_id(db, "energy")) == 2, 10, "2 points")
+            db.stop()
+            await publish_all(mosquitto.port, recs[2:5], "pub-f2")  # InfluxDB down: received, not acked
+            await until(lambda: bridge._failing_since is not None, 10, "a failing write")
+        assert bridge.written == 2
+        # The bridge is gone; the broker queues for its session.
+        await publish_all(mosquitto.port, recs[5:8], "pub-f3")
+        db.start(db.workdir)
+        async with Running(make()) as bridge:
+            await until(lambda: len(rows_by_id(db, "energy")) == 8, 10, "8 points")
+            db.stop()  # and once more with the bridge running throughout
+            await publish_all(mosquitto.port, recs[8:], "pub-f4")
+            await until(lambda: bridge._failing_since is not None, 10, "a failing write")
+            db.start(db.workdir)
+            await until(lambda: len(rows_by_id(db, "energy")) == 12, 10, "12 points")
+        rows = rows_by_id(db, "energy")
+        assert len(db.query("SELECT * FROM job_energy", "energy")) == 12
+        for rec in recs:
+            assert_row_matches(rows[rec["record_id"]], rec)
+        failed = [r for r in caplog.records if "write to InfluxDB failed" in r.getMessage()]
+        recovered = [r for r in caplog.records if "accepts writes again" in r.getMessage()]
+        assert len(failed) == 2 and len(recovered) == 1  # once per outage (the first ended with the bridge)
+    finally:
+        db.stop()
+
+
+async def test_bridge_dead_letters_what_influxdb_rejects_and_writes_the_rest(tmp_path, mosquitto, influxdb):
+    """A point InfluxDB refuses (here: a field type conflict) is dead-lettered alone; its batch is written."""
+    influxdb.create_database("bridge_conflict")
+    recs = make_records(4, machine="cf")
+    recs[2] = make_record(2, "cf", t0=1_790_000_000.0 + 30 * 86400)  # a month later: another shard
+    conflict = record_to_point(recs[2])
+    # An older writer made 'coverage' a string in that shard: record 2 can no longer be written there.
+    influxdb.write(f'job_energy,machine=cf,site=s1 coverage="full" {conflict._time}', "bridge_conflict")
+    loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url,
+                                                       "database": "bridge_conflict", "client_id": "bridge-cf"})
+    dl = tmp_path / "dl.jsonl"
+    async with Running(Bridge(loaded, dead_letter_path=dl)) as bridge:
+        await publish_all(mosquitto.port, recs, "pub-cf")
+        await until(lambda: bridge.written >= 3 and bridge.dead["rejected"] == 1, 10, "3 written, 1 rejected")
+    ids = {r["record_id"] for r in influxdb.query("SELECT * FROM job_energy WHERE record_id <> ''",
+                                                  "bridge_conflict")}
+    assert ids == {r["record_id"] for i, r in enumerate(recs) if i != 2}
+    [entry] = [json.loads(line) for line in dl.read_text().splitlines()]
+    assert entry["kind"] == "rejected" and "field type conflict" in entry["reason"]
+    assert json.loads(entry["payload"])["record_id"] == recs[2]["record_id"]

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from agent.influx import record_to_point
 from agent.ledger import Ledger
 from agent.record import verify_chain
 from simulators.demo import tolerance_kwh
@@ -75,6 +76,7 @@ def test_every_job_recorded_once_within_tolerance(plant_run):
         for state, kwh in t["by_state"].items():
             assert abs(r["energy"]["by_state"][state] - kwh) <= tol, (t["job_id"], state)
         assert r["energy"]["method"] == "counter" and r["quality"]["coverage"] == 1.0
+        assert r["quality"]["flags"] == [], r["quality"]["flags"]
         assert r["job"]["program"] == t["program"] and r["job"]["serial"] == t["serial"]
         assert r["job"]["product"] == t["product"] and r["job"]["subassembly"] == t["subassembly"]
         assert r["job"]["parts"] == t["parts"]
@@ -94,12 +96,14 @@ def test_influxdb_v1_has_each_record_once_with_ledger_values(plant_run):
 
 
 def test_victoriametrics_v2_path_has_each_record_once(plant_run):
-    records = plant_run["records"]
-    series = plant_run["vm"]
-    points = {(s["metric"]["machine"], v) for s in series for v in s["values"]}
-    assert len(points) == len(records) == sum(len(s["values"]) for s in series)
-    expected = {(r["machine"], r["energy"]["kwh"]) for r in records}
-    assert {(m, pytest.approx(v, abs=1e-12)) for m, v in points} == expected or sorted(points) == sorted(expected)
+    # VictoriaMetrics turns field kwh into the series job_energy_kwh (one per tag set) and keeps
+    # millisecond timestamps: one sample per record, at the job start, with the ledger's kWh.
+    got = sorted((s["metric"]["machine"], ts, v) for s in plant_run["vm"]
+                 for ts, v in zip(s["timestamps"], s["values"]))
+    want = sorted((r["machine"], record_to_point(r)._time // 1_000_000, r["energy"]["kwh"])
+                  for r in plant_run["records"])
+    assert [(m, ts) for m, ts, _ in got] == [(m, ts) for m, ts, _ in want]
+    assert [v for *_, v in got] == pytest.approx([v for *_, v in want], abs=1e-12)
 
 
 def test_processes_stopped_cleanly(plant_run):
