@@ -53,6 +53,13 @@ class Publisher:
         errors = [res for res in results if isinstance(res, BaseException)]
         return ok, (errors[0] if errors else None)
 
+    async def _until_connected(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and not self.client.connected:
+            try:
+                await self.client.wait_connected(1.0)
+            except DeliveryError:
+                pass
+
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
@@ -67,6 +74,9 @@ class Publisher:
                     continue
                 if not isinstance(err, DeliveryError):
                     log.error("publishing failed unexpectedly: %r", err)
+                if not self.client.connected:
+                    await self._until_connected(stop)  # drain again as soon as the broker is back
+                    continue
                 backoff = min(self.retry_max_s, max(0.5, backoff * 2))
                 wait = backoff
             else:
