@@ -9,6 +9,7 @@ Both formats are documented in the README of their folder.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -289,5 +290,8 @@ def format_validation(exc: ValidationError) -> str:
         for part in err["loc"]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        if loc and re.match(r"^[A-Za-z_][\w.\[\]]*: ", msg):
+            lines.append(f"{loc}.{msg}")  # a nested validator named a field below loc
+        else:
+            lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)

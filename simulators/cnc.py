@@ -43,7 +43,7 @@ class CncBank:
         return self.clock.wall() - self.clock.anchor
 
     async def start(self) -> None:
-        await self.server.init()
+        await self.server.init()  # ~2 s: scenario time is read after it
         self.server.set_endpoint(self.endpoint)
         self.server.set_server_name("energy-agent CNC simulator")
         idx = await self.server.register_namespace(self.scenario.namespace)
@@ -62,14 +62,17 @@ class CncBank:
                 nodes[point] = await folder.add_variable(ua.NodeId(string_id, idx), ua.QualifiedName(point, idx),
                                                          ua.Variant(values[point], vt))
             self.nodes[m.id] = nodes
-            self.shown[m.id] = values
+            self.shown[m.id] = {}
+            await self._publish(m.id, t, self.scenario.timelines[m.id].last_change(t))
         await self.server.start()
         self._last_t = t
         self._task = asyncio.create_task(self._run(), name="cnc-updates")
 
-    async def _publish(self, machine: str, t: float) -> None:
+    async def _publish(self, machine: str, t: float, changed_at: float | None = None) -> None:
+        """Show the values at t, stamped with the instant they changed (t itself by default)."""
         values = self.scenario.timelines[machine].cnc_values(t)
-        stamp = datetime.fromtimestamp(self.clock.anchor + t, timezone.utc)
+        when = t if changed_at is None else changed_at
+        stamp = datetime.fromtimestamp(self.clock.anchor + when, timezone.utc)
         for point, node in self.nodes[machine].items():
             v = values[point]
             if self.shown[machine].get(point) != v:

@@ -209,6 +209,11 @@ class Timeline:
         e = sum(self.energy_ws(0.0, t).values()) if t >= 0 else -sum(self.energy_ws(t, 0.0).values())
         return self.m.meter.energy_offset_kwh + e / 3.6e6
 
+    def last_change(self, t: float) -> float | None:
+        """When the values shown at t were set (None: unchanged since the beginning of time)."""
+        start = self.segment_at(t).start
+        return start if math.isfinite(start) else None
+
     def change_times(self, a: float, b: float) -> list[float]:
         """State/job boundaries in (a, b]."""
         return [s.start for s in self.segments if a < s.start <= b]
