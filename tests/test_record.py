@@ -1,16 +1,15 @@
 """Records: RFC 8785 canonical form, hashing, chain verification and the ledger that stores them."""
 
 import json
+from datetime import date
 import os
 import stat
-from types import SimpleNamespace
-
 import pytest
 
 from agent import record
-from agent.config import Calibration, EmissionFactor, MeterDevice
 from agent.ledger import Ledger
 from agent.record import GENESIS, canonical_json, record_hash, verify_chain
+from tests import factories
 
 
 def test_rfc8785_example_vector():
@@ -40,25 +39,8 @@ def test_non_finite_numbers_are_refused():
         canonical_json({"kwh": float("nan")})
 
 
-FACTOR = EmissionFactor(value=0.6592, authority="MONRE DCC", document="notice 2023", region="VN", year=2023,
-                        method="CDM combined margin", basis="location")
-METER = MeterDevice(id="pm-1", host="127.0.0.1", profile="eastron-sdm630", accuracy="class 1",
-                    calibration=Calibration(certificate="C-1"))
-
-
-def _job(key="J-1", start=1_790_000_000.0, kwh=1.25):
-    energy = SimpleNamespace(kwh=kwh, estimated_kwh=0.0, method="counter",
-                             kwh_by_state=(0.0, 0.0, 0.05, kwh - 0.25, 0.1, 0.1), coverage=1.0, gap_count=0,
-                             longest_gap_s=0.0, counter_resets=0, counter_rollovers=0, counter_jumps=0)
-    info = SimpleNamespace(key=key, job_id=key, program="O1001", product="SPU-40", serial="SN-1",
-                           subassembly="spindle", start=100.0, start_wall=start)
-    return SimpleNamespace(machine="m1", info=info, end=400.0, end_wall=start + 300.0, end_reason="key_cleared",
-                           parts=1, energy=energy, samples=301, bad_samples=0, median_interval_s=1.0, flags=())
-
-
 def _build(seq, prev, **kw):
-    return record.build(site="plant", agent="gw", seq=seq, prev_hash=prev, job=_job(**kw), factor_id="vn-2023",
-                        factor=FACTOR, meter=METER, profile="eastron-sdm630", cnc=None, config_hash="c" * 64)
+    return factories.build(seq, prev, **kw)
 
 
 def test_record_content_and_hash():
@@ -74,19 +56,15 @@ def test_record_content_and_hash():
 
 
 def test_factor_outside_validity_is_flagged():
-    global FACTOR
-    old = FACTOR
-    try:
-        FACTOR = old.model_copy(update={"valid_to": __import__("datetime").date(2025, 12, 31)})
-        assert "factor_outside_validity" in _build(1, GENESIS)["quality"]["flags"]
-    finally:
-        FACTOR = old
+    expired = factories.FACTOR.model_copy(update={"valid_to": date(2025, 12, 31)})
+    assert "factor_outside_validity" in _build(1, GENESIS, factor=expired)["quality"]["flags"]
+    assert _build(1, GENESIS)["quality"]["flags"] == []
 
 
 def _chain(n):
     recs, prev = [], GENESIS
     for i in range(1, n + 1):
-        r = _build(i, prev, key=f"J-{i}", start=1_790_000_000.0 + 1000 * i)
+        r = _build(i, prev, key=f"J-{i}", start_wall=factories.T0 + 1000 * i)
         recs.append(r)
         prev = r["hash"]
     return recs
@@ -113,7 +91,7 @@ async def test_ledger_chains_stores_and_drains(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     for i in range(1, 4):
         rec = await ledger.append("m1", lambda seq, prev, i=i: _build(seq, prev, key=f"J-{i}",
-                                                                      start=1_790_000_000.0 + 1000 * i))
+                                                                      start_wall=factories.T0 + 1000 * i))
         assert rec["seq"] == i
     out = await ledger.outbox(10)
     assert [r["seq"] for _, r in out] == [1, 2, 3]
@@ -121,7 +99,7 @@ async def test_ledger_chains_stores_and_drains(tmp_path):
     assert await ledger.pending() == 2
     # The same job twice is refused, not stored twice.
     with pytest.raises(record.RecordError, match="already in the ledger"):
-        await ledger.append("m1", lambda seq, prev: _build(seq, prev, key="J-1", start=1_790_001_000.0))
+        await ledger.append("m1", lambda seq, prev: _build(seq, prev, key="J-1", start_wall=factories.T0 + 1000))
     await ledger.close()
     # Durable: a new process sees everything, and the stored bodies still verify.
     again = Ledger(path)

@@ -1,0 +1,49 @@
+"""Finished jobs and records built with the agent's own types, for tests that need records."""
+
+from __future__ import annotations
+
+from agent import record, states
+from agent.config import Calibration, EmissionFactor, MeterDevice
+from agent.energy import JobEnergy
+from agent.machine import FinishedJob, JobInfo
+
+FACTOR = EmissionFactor(value=0.6592, authority="MONRE DCC", document="notice 2023", region="VN", year=2023,
+                        method="CDM combined margin", basis="location")
+METER = MeterDevice(id="pm-1", host="127.0.0.1", profile="eastron-sdm630", accuracy="class 1",
+                    calibration=Calibration(certificate="C-1"))
+T0 = 1_790_000_000.0  # 2026-09-21T14:13:20Z
+
+
+def finished_job(*, machine: str = "m1", key: str = "J-1", start_wall: float = T0, duration_s: float = 300.0,
+                 kwh: float = 1.25, program: str | None = "O1001", product: str | None = "SPU-40",
+                 serial: str | None = "SN-1", subassembly: str | None = "spindle", parts: int | None = 1,
+                 flags: tuple[str, ...] = ()) -> FinishedJob:
+    """A job that ran ``duration_s`` in processing, except 0.25 kWh split over ready/interrupted/setup."""
+    by_state = [0.0] * len(states.STATES)
+    rest = min(kwh, 0.25)
+    by_state[states.code("ready")], by_state[states.code("interrupted")], by_state[states.code("setup")] = (
+        rest / 5, 2 * rest / 5, 2 * rest / 5)
+    by_state[states.code("processing")] = kwh - rest
+    energy = JobEnergy(kwh_by_state=tuple(by_state), kwh=kwh, estimated_kwh=0.0, method="counter", coverage=1.0,
+                       gap_count=0, longest_gap_s=0.0, counter_resets=0, counter_rollovers=0, counter_jumps=0)
+    info = JobInfo(key=key, key_point="job_id", start=100.0, start_wall=start_wall, job_id=key, program=program,
+                   product=product, serial=serial, subassembly=subassembly)
+    return FinishedJob(machine=machine, info=info, end=100.0 + duration_s, end_wall=start_wall + duration_s,
+                       end_reason="key_cleared", parts=parts, energy=energy, samples=int(duration_s) + 1,
+                       bad_samples=0, median_interval_s=1.0, flags=flags)
+
+
+def build(seq: int, prev_hash: str, *, site: str = "plant", agent: str = "gw", factor: EmissionFactor = FACTOR,
+          **job) -> dict:
+    return record.build(site=site, agent=agent, seq=seq, prev_hash=prev_hash, job=finished_job(**job),
+                        factor_id="vn-2023", factor=factor, meter=METER, profile="eastron-sdm630", cnc=None,
+                        config_hash="c" * 64)
+
+
+async def fill(ledger, machine: str, n: int, *, first: int = 1, spacing_s: float = 1000.0, **kw) -> list[dict]:
+    """Append n records of consecutive jobs J-<first>… to the ledger; returns them."""
+    out = []
+    for i in range(first, first + n):
+        out.append(await ledger.append(machine, lambda seq, prev, i=i: build(
+            seq, prev, machine=machine, key=f"J-{i}", start_wall=T0 + spacing_s * i, kwh=0.5 + i / 10, **kw)))
+    return out
