@@ -116,7 +116,8 @@ async def _until(cond, timeout: float, what: str):
         await asyncio.sleep(0.02)
 
 
-async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server):
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server, mode):
     opc_port, nodes = cnc_server
     schedule = PowerSchedule(800.0)
     meter = RawModbusServer(sdm630_registers(schedule))
@@ -130,8 +131,9 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server):
         "meters": [{"id": "pm-x", "host": "127.0.0.1", "port": modbus_port, "unit_id": 3,
                     "profile": "eastron-sdm630", "poll_interval_s": 0.05, "timeout_s": 1.0}],
         "cncs": [{"id": "cnc-x", "endpoint": f"opc.tcp://127.0.0.1:{opc_port}", "node_map": "vendor-map.yaml",
-                  "params": {"ns": NS_URI}, "interval_s": 0.05}],
-        "machines": [{"id": "lathe-9", "meter": "pm-x", "cnc": "cnc-x", "emission_factor": "vn-2023"}],
+                  "params": {"ns": NS_URI}, "interval_s": 0.05, "mode": mode}],
+        "machines": [{"id": "lathe-9", "meter": "pm-x", "cnc": "cnc-x", "emission_factor": "vn-2023",
+                      "programs": {"P-77": {"product": "SPU-40", "subassembly": "spindle-housing"}}}],
     }
     (tmp_path / "plant.yaml").write_text(yaml.safe_dump(plant))
     agent = Agent(config.load(tmp_path / "plant.yaml"))
@@ -141,6 +143,7 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server):
     try:
         await _until(lambda: tracker.seen_cnc and len(tracker.samples) > 3, 20, "first CNC snapshot and meter samples")
 
+        parts_before = await nodes["parts_total"].read_value()  # the server is shared by this module's tests
         t1 = time.time()  # setup starts: job ORD-1, program P-77
         schedule.set(t1, 2000.0)
         await _write(nodes["program"], "P-77", ua.VariantType.String, t1)
@@ -155,7 +158,7 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server):
         t3 = time.time()  # cycle end: one part, order cleared
         schedule.set(t3, 800.0)
         await _write(nodes["run_state"], 0, ua.VariantType.Int32, t3)
-        await _write(nodes["parts_total"], 1, ua.VariantType.UInt32, t3)
+        await _write(nodes["parts_total"], parts_before + 1, ua.VariantType.UInt32, t3)
         await _write(nodes["job_id"], "", ua.VariantType.String, t3)
         await _until(lambda: agent.stats.records >= 1, 15, "the job record")
     finally:
@@ -170,8 +173,10 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server):
     ledger.close_sync()
     assert len(recs) == 1
     r = recs[0]
-    assert r["job"] == {"key": "ORD-1", "job_id": "ORD-1", "program": "P-77", "product": None, "serial": "S-0001",
-                        "subassembly": None, "parts": 1, "end_reason": "parts_counter"}
+    # product and subassembly are not on this CNC: they come from the machine's program table.
+    assert r["job"] == {"key": "ORD-1", "job_id": "ORD-1", "program": "P-77", "product": "SPU-40",
+                        "serial": "S-0001", "subassembly": "spindle-housing", "parts": 1,
+                        "end_reason": "parts_counter"}
     assert r["start"] == datetime.fromtimestamp(t1, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert r["end"] == datetime.fromtimestamp(t3, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     true_setup = 2000.0 * (t2 - t1) / 3.6e6
