@@ -88,7 +88,7 @@ class ProgramInfo(_Model):
 class Machine(_Model):
     id: str = Field(pattern=_ID)
     meter: str
-    cnc: str | None = None
+    cnc: str = Field(description="the CNC whose signals define this machine's jobs and states")
     emission_factor: str
     description: str = ""
     programs: dict[str, ProgramInfo] = Field(
@@ -192,14 +192,18 @@ class Config(_Model):
         meters = {m.id for m in self.meters}
         cncs = {c.id for c in self.cncs}
         used: dict[str, str] = {}
+        used_cnc: dict[str, str] = {}
         for i, m in enumerate(self.machines):
             if m.meter not in meters:
                 raise ValueError(f"machines[{i}].meter: unknown meter {m.meter!r} (known: {_known(meters)})")
             if m.meter in used:
                 raise ValueError(f"machines[{i}].meter: meter {m.meter!r} is already assigned to machine {used[m.meter]!r}")
             used[m.meter] = m.id
-            if m.cnc is not None and m.cnc not in cncs:
+            if m.cnc not in cncs:
                 raise ValueError(f"machines[{i}].cnc: unknown cnc {m.cnc!r} (known: {_known(cncs)})")
+            if m.cnc in used_cnc:
+                raise ValueError(f"machines[{i}].cnc: cnc {m.cnc!r} is already assigned to machine {used_cnc[m.cnc]!r}")
+            used_cnc[m.cnc] = m.id
             if m.emission_factor not in self.emission_factors:
                 raise ValueError(
                     f"machines[{i}].emission_factor: unknown factor {m.emission_factor!r} "

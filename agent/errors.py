@@ -7,6 +7,7 @@
      ├── DeviceError     a device could not be reached or answered badly (becomes data quality)
      ├── DeliveryError   MQTT or InfluxDB refused or lost a message
      └── RecordError     a record could not be built, stored or verified
+          └── DuplicateRecord  the ledger already holds this record (same job, same start)
 
 Protocol-library exceptions (pymodbus, asyncua, paho, influxdb-client) never leave the module
 that calls the library: they are mapped to one of these with ``raise ... from exc``.
@@ -31,3 +32,7 @@ class DeliveryError(AgentError):
 
 class RecordError(AgentError):
     """A record could not be built, stored or verified."""
+
+
+class DuplicateRecord(RecordError):
+    """The ledger already holds a record with this id: the same job was finished twice."""

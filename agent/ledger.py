@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent.errors import RecordError
+from agent.errors import DuplicateRecord, RecordError
 from agent.record import GENESIS, canonical_json
 
 SCHEMA_SQL = """
@@ -99,7 +99,7 @@ class Ledger:
             db.execute("COMMIT")
         except sqlite3.IntegrityError as exc:
             db.execute("ROLLBACK")
-            raise RecordError(f"{machine}: record {rec.get('record_id')} already in the ledger ({exc})") from exc
+            raise DuplicateRecord(f"{machine}: record {rec.get('record_id')} already in the ledger ({exc})") from exc
         except sqlite3.DatabaseError as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")

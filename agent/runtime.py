@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from agent import energy, record
 from agent.clock import Clock
 from agent.config import Loaded
-from agent.errors import AgentError
+from agent.errors import AgentError, DuplicateRecord
 from agent.ledger import Ledger
 from agent.machine import FinishedJob, MachineTracker
 from drivers.modbus import MeterDriver, ModbusBus
@@ -34,6 +34,9 @@ class Stats:
 
 
 class Agent:
+    store_retry_s = (1.0, 30.0)
+    """Backoff (min, max) while the ledger refuses records."""
+
     def __init__(self, loaded: Loaded):
         self.loaded = loaded
         cfg = loaded.config
@@ -58,8 +61,6 @@ class Agent:
         for m in cfg.machines:
             meter = cfg.meter(m.meter)
             profile = loaded.profiles[meter.id]
-            if m.cnc is None:
-                raise AgentError(f"machine {m.id}: a CNC is needed to know its jobs")
             nodemap = loaded.nodemaps[m.cnc]
             tracker = MachineTracker(
                 m.id, nodemap, programs=dict(m.programs),
@@ -138,7 +139,7 @@ class Agent:
         cfg = self.cfg
         machine = next(m for m in cfg.machines if m.id == job.machine)
         meter = cfg.meter(machine.meter)
-        cnc = cfg.cnc(machine.cnc) if machine.cnc else None
+        cnc = cfg.cnc(machine.cnc)
 
         def build(seq: int, prev_hash: str) -> dict:
             return record.build(site=cfg.site, agent=cfg.agent_id, seq=seq, prev_hash=prev_hash, job=job,
@@ -148,16 +149,36 @@ class Agent:
                                 config_hash=self.config_hash)
         return build
 
+    async def _store(self, job: FinishedJob) -> dict | None:
+        """Commit a finished job's record; while the ledger fails, keep the job and retry."""
+        backoff, failing = 0.0, False
+        while True:
+            try:
+                rec = await self.ledger.append(job.machine, self._build_record(job))
+            except DuplicateRecord as exc:
+                log.warning("%s", exc)  # the same job finished twice: the first record stands
+                return None
+            except AgentError as exc:
+                if not failing:
+                    log.error("ledger cannot store the record of %s job %s (%s); holding it and retrying",
+                              job.machine, job.info.key, exc)
+                    failing = True
+                backoff = min(self.store_retry_s[1], max(self.store_retry_s[0], backoff * 2))
+                await asyncio.sleep(backoff)
+                continue
+            if failing:
+                log.info("ledger accepts records again")
+            return rec
+
     async def _recorder(self) -> None:
         while True:
             job = await self.finished.get()
             try:
-                rec = await self.ledger.append(job.machine, self._build_record(job))
-            except AgentError as exc:
-                log.error("record of %s job %s not stored: %s", job.machine, job.info.key, exc)
-                continue
+                rec = await self._store(job)
             finally:
                 self.finished.task_done()
+            if rec is None:
+                continue
             self.stats.records += 1
             log.info("job %s on %s: %.6f kWh (%s, coverage %.3f) seq %d", rec["job"]["key"], job.machine,
                      rec["energy"]["kwh"], rec["energy"]["method"], rec["quality"]["coverage"], rec["seq"])
@@ -197,7 +218,8 @@ class Agent:
             try:  # store what was finished before stopping
                 await asyncio.wait_for(self.finished.join(), 30.0)
             except asyncio.TimeoutError:
-                log.error("%d finished jobs could not be stored before stopping", self.finished.qsize())
+                log.error("stopping with %d finished jobs not stored: the ledger is failing",
+                          self.finished.qsize() + 1)
             recorder.cancel()
             await asyncio.gather(recorder, return_exceptions=True)
             open_jobs = [f"{m}:{t.open.key}" for m, t in self.trackers.items() if t.open is not None]

@@ -45,6 +45,15 @@ def test_meter_shared_by_two_machines():
     assert "machines[1].meter: meter 'pm-1' is already assigned to machine 'm1'" in _error(d)
 
 
+def test_cnc_shared_by_two_machines_and_machine_without_cnc():
+    d = _demo()
+    d["machines"][1]["cnc"] = "cnc-1"
+    assert "machines[1].cnc: cnc 'cnc-1' is already assigned to machine 'm1'" in _error(d)
+    d = _demo()
+    del d["machines"][0]["cnc"]
+    assert _error(d).startswith("machines[0].cnc: Field required")
+
+
 def test_duplicate_device_id():
     d = _demo()
     d["cncs"][1]["id"] = "pm-1"

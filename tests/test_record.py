@@ -115,3 +115,34 @@ async def test_ledger_refuses_a_corrupt_file(tmp_path):
     with pytest.raises(record.RecordError, match="cannot open the ledger"):
         await ledger.open()
     await ledger.close()
+
+
+async def test_agent_holds_a_record_while_the_ledger_fails_and_skips_only_duplicates(tmp_path, caplog):
+    import yaml
+
+    from agent import config
+    from agent.runtime import Agent
+
+    cfg = yaml.safe_load(open("config/demo.yaml"))
+    cfg["ledger"] = {"path": str(tmp_path / "ledger.db")}
+    agent = Agent(config.parse(cfg, tmp_path))
+    agent.store_retry_s = (0.01, 0.05)
+    await agent.ledger.open()
+    real_append, failures = agent.ledger.append, []
+
+    async def flaky(machine, build):
+        if len(failures) < 3:  # disk full, three times
+            failures.append(machine)
+            raise record.RecordError("database or disk is full")
+        return await real_append(machine, build)
+
+    agent.ledger.append = flaky
+    job = factories.finished_job(machine="m1", key="J-9")
+    rec = await agent._store(job)
+    assert rec is not None and rec["job"]["key"] == "J-9" and len(failures) == 3
+    assert sum("holding it and retrying" in r.message for r in caplog.records) == 1  # logged once
+    assert await agent._store(job) is None  # the same job again: a duplicate, not a second record
+    await agent.ledger.close()
+    led = Ledger(tmp_path / "ledger.db")
+    assert [r["job"]["key"] for r in led.records()] == ["J-9"]
+    led.close_sync()
