@@ -62,24 +62,45 @@ class StateTimeline:
     def current(self) -> int | None:
         return int(self.s[self.n - 1]) if self.n else None
 
+    def state_at(self, t: float) -> int | None:
+        k = int(np.searchsorted(self.t[: self.n], t, side="right")) - 1
+        return int(self.s[max(k, 0)]) if self.n else None
+
     def append(self, t: float, state: int) -> bool:
-        """Record a change at ``t``; returns False when the state did not change."""
-        if self.n and self.s[self.n - 1] == state:
-            return False
-        if self.n and t <= self.t[self.n - 1]:
-            # Same instant (or a clamped stamp): the latest state at that instant wins.
-            self.s[self.n - 1] = state
-            if self.n > 1 and self.s[self.n - 2] == state:
-                self.n -= 1
+        """Record that the state is ``state`` from ``t`` on; False when that changes nothing.
+
+        Changes normally arrive in time order. One stamped earlier than the last entry (a CNC
+        change placed at its SourceTimestamp after a power-threshold change seen at a later meter
+        sample) is inserted at its own time; at an existing instant the latest state wins.
+        """
+        if self.n == 0 or t > self.t[self.n - 1]:
+            if self.n and self.s[self.n - 1] == state:
+                return False
+            self._grow()
+            self.t[self.n], self.s[self.n] = t, state
+            self.n += 1
             return True
+        k = int(np.searchsorted(self.t[: self.n], t, side="left"))
+        if self.t[k] == t:
+            if self.s[k] == state:
+                return False
+            self.s[k] = state
+            return True
+        if k > 0 and self.s[k - 1] == state:
+            return False
+        self._grow()
+        self.t[k + 1 : self.n + 1] = self.t[k : self.n].copy()
+        self.s[k + 1 : self.n + 1] = self.s[k : self.n].copy()
+        self.t[k], self.s[k] = t, state
+        self.n += 1
+        return True
+
+    def _grow(self) -> None:
         if self.n == len(self.t):
             t2 = np.empty(2 * self.n, np.float64)
             s2 = np.empty(2 * self.n, np.uint8)
             t2[: self.n], s2[: self.n] = self.t, self.s
             self.t, self.s = t2, s2
-        self.t[self.n], self.s[self.n] = t, state
-        self.n += 1
-        return True
 
     def trim_before(self, t: float) -> None:
         k = int(np.searchsorted(self.t[: self.n], t, side="right")) - 1

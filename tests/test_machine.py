@@ -173,3 +173,16 @@ def test_buffers_stay_small_between_jobs():
     pl.cnc(0.5, **snapshot(IDLE))
     pl.run_to(5000)
     assert len(pl.tr.samples) <= 65 and pl.tr.timeline.n <= 2
+
+
+def test_state_timeline_orders_late_changes():
+    from agent.samples import StateTimeline
+
+    tl = StateTimeline(capacity=2)
+    assert tl.append(1.0, 2) and not tl.append(2.0, 2)
+    assert tl.append(5.0, 1)          # power drops below standby at a meter sample
+    assert tl.append(4.5, 3)          # a CNC change stamped earlier arrives later
+    t, s = tl.view()
+    assert list(t) == [1.0, 4.5, 5.0] and list(s[:2]) == [2, 3]
+    assert tl.append(4.5, 4) and tl.state_at(4.7) == 4  # same instant: the latest state wins
+    assert tl.state_at(0.0) == 2 and tl.state_at(10.0) == int(s[2])
