@@ -154,6 +154,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else EXIT_FAILURE
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from agent.probe import probe
+
+    loaded = _load(args.config)
+    res = asyncio.run(probe(loaded, args.device))
+    if res.rows:
+        print_table(res.rows, list(res.rows[0]))
+    for w in res.warnings:
+        print(f"warning: {w}")
+    if res.error:
+        print(f"{args.device}: FAILED: {res.error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{args.device}: {'OK' if res.ok else f'{len(res.warnings)} warnings'}")
+    return 0 if res.ok else EXIT_FAILURE
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulators import serve
 
@@ -200,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="verify the ledger's per-machine hash chains")
     s.add_argument("-c", "--config", required=True)
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("probe", help="read one meter or CNC once and show decoded values with plausibility checks")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("device", help="a meter or CNC id from the config")
+    s.set_defaults(func=cmd_probe)
 
     s = sub.add_parser("simulate", help="serve simulated meters and CNCs for a scenario")
     from simulators import serve
