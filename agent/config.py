@@ -52,11 +52,24 @@ class Calibration(_Model):
     valid_until: date | None = None
 
 
+class SerialLine(_Model):
+    """An RS-485 line on a local serial port (transport ``rtu``)."""
+
+    device: str = Field(description="serial device, e.g. /dev/ttyUSB0 or /dev/serial/by-id/…")
+    baudrate: int = Field(9600, ge=1200, le=921600)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+
 class MeterDevice(_Model):
     id: str = Field(pattern=_ID)
-    transport: Literal["tcp", "rtu-over-tcp"] = "tcp"
-    host: str
+    transport: Literal["tcp", "rtu-over-tcp", "rtu"] = Field(
+        "tcp", description="tcp: Modbus TCP; rtu-over-tcp: RTU frames through a TCP gateway; rtu: local serial line")
+    host: str | None = Field(None, description="meter or gateway address (tcp, rtu-over-tcp)")
     port: int = Field(502, ge=1, le=65535)
+    serial: SerialLine | None = Field(None, description="the serial line (rtu)")
+    pause_s: float = Field(0.0, ge=0, le=5, description="quiet time on the bus after each request to this meter")
     unit_id: int = Field(1, ge=0, le=247)
     profile: str = Field(description="built-in profile name or path to a profile .yaml")
     poll_interval_s: float = Field(1.0, gt=0, le=3600)
@@ -65,6 +78,21 @@ class MeterDevice(_Model):
     accuracy: str | None = Field(None, description="accuracy class, e.g. 'IEC 62053-21 class 1'")
     calibration: Calibration | None = None
     boundary: str | None = Field(None, description="which loads the meter covers")
+
+    @model_validator(mode="after")
+    def _link(self) -> "MeterDevice":
+        if self.transport == "rtu" and self.serial is None:
+            raise ValueError("transport rtu needs serial (device, baudrate, ...)")
+        if self.transport != "rtu" and not self.host:
+            raise ValueError(f"transport {self.transport} needs host")
+        return self
+
+    def bus_key(self) -> tuple:
+        """Meters with the same key share one connection (and its lock)."""
+        if self.transport == "rtu":
+            assert self.serial is not None
+            return ("rtu", self.serial.device)
+        return (self.transport, self.host, self.port)
 
 
 class CncDevice(_Model):

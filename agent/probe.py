@@ -82,11 +82,12 @@ async def probe_meter(loaded: Loaded, device_id: str) -> ProbeResult:
     dev = loaded.config.meter(device_id)
     profile = loaded.profiles[device_id]
     res = ProbeResult(device_id)
-    bus = ModbusBus(dev.host, dev.port, framer=dev.transport, timeout_s=dev.timeout_s)
+    bus = ModbusBus.for_meter(dev)
     try:
         for block in plan_blocks(profile):
             try:
-                regs = await bus.read(dev.unit_id, block.function, block.start, block.count, dev.timeout_s)
+                regs = await bus.read(dev.unit_id, block.function, block.start, block.count, dev.timeout_s,
+                                      dev.pause_s)
             except DeviceError as exc:
                 res.error = str(exc)
                 return res

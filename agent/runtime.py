@@ -74,13 +74,11 @@ class Agent:
             self.by_meter[meter.id] = tracker
             self.by_cnc[m.cnc] = tracker
         for meter in cfg.meters:
-            key = (meter.transport, meter.host, meter.port)
-            bus = self.buses.get(key)
+            bus = self.buses.get(meter.bus_key())
             if bus is None:
-                bus = self.buses[key] = ModbusBus(meter.host, meter.port, framer=meter.transport,
-                                                  timeout_s=meter.timeout_s)
+                bus = self.buses[meter.bus_key()] = ModbusBus.for_meter(meter)
             self.meters.append(MeterDriver(meter.id, meter.unit_id, loaded.profiles[meter.id], bus, self.clock,
-                                           timeout_s=meter.timeout_s, retries=meter.retries))
+                                           timeout_s=meter.timeout_s, retries=meter.retries, pause_s=meter.pause_s))
         for c in cfg.cncs:
             tracker = self.by_cnc.get(c.id)
             if tracker is None:

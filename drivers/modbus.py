@@ -1,8 +1,9 @@
 """Modbus meters: one bus object per physical connection, one driver per meter.
 
-A :class:`ModbusBus` owns the pymodbus client of one TCP socket or RTU-over-TCP gateway.
-Meters behind it share it; an ``asyncio.Lock`` serialises their requests (an RS-485 line
-behind a gateway answers one request at a time). The bus connects on demand and backs off
+A :class:`ModbusBus` owns the pymodbus client of one TCP socket, RTU-over-TCP gateway or
+local serial line. Meters behind it share it; an ``asyncio.Lock`` serialises their requests
+(an RS-485 line answers one request at a time) and a meter may ask for a quiet pause after
+each of its requests. The bus connects on demand and backs off
 exponentially (capped) after a failure, so a dead gateway costs one connect attempt per
 backoff step, not one per poll.
 
@@ -21,7 +22,7 @@ import math
 import time
 
 from pymodbus import FramerType
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from agent.clock import Clock
@@ -36,31 +37,43 @@ ENERGY_QUANTITIES = ("power_w", "energy_import_kwh")
 
 
 class ModbusBus:
-    """One Modbus TCP or RTU-over-TCP connection shared by the devices behind it."""
+    """One Modbus connection shared by the devices behind it."""
 
     def __init__(self, host: str, port: int, *, framer: str = "tcp", timeout_s: float = 1.0,
-                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0):
-        self.host, self.port = host, port
-        self.name = f"{framer}://{host}:{port}"
-        self._framer = FramerType.SOCKET if framer == "tcp" else FramerType.RTU
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0, serial=None):
+        self._rtu = serial is not None or framer != "tcp"
+        if serial is not None:
+            self.name = f"rtu://{serial.device}@{serial.baudrate}{serial.parity}{serial.stopbits}"
+            self._make = lambda: AsyncModbusSerialClient(
+                serial.device, framer=FramerType.RTU, baudrate=serial.baudrate, parity=serial.parity,
+                stopbits=serial.stopbits, bytesize=serial.bytesize, timeout=timeout_s, retries=0,
+                reconnect_delay=0, reconnect_delay_max=0)
+        else:
+            self.name = f"{framer}://{host}:{port}"
+            self._make = lambda: AsyncModbusTcpClient(
+                host, port=port, framer=FramerType.SOCKET if framer == "tcp" else FramerType.RTU,
+                timeout=timeout_s, retries=0, reconnect_delay=0, reconnect_delay_max=0)
         self._timeout = timeout_s
-        self._client: AsyncModbusTcpClient | None = None
+        self._client = None
         self._lock = asyncio.Lock()
         self._backoff_min, self._backoff_max = backoff_min_s, backoff_max_s
         self._backoff = 0.0
         self._next_attempt = 0.0
 
-    async def _ensure(self) -> AsyncModbusTcpClient:
+    @classmethod
+    def for_meter(cls, dev) -> "ModbusBus":
+        """The bus of a configured meter (``agent.config.MeterDevice``)."""
+        return cls(dev.host or "", dev.port, framer=dev.transport, timeout_s=dev.timeout_s,
+                   serial=dev.serial if dev.transport == "rtu" else None)
+
+    async def _ensure(self):
         if self._client is not None and self._client.connected:
             return self._client
         now = time.monotonic()
         if now < self._next_attempt:
             raise DeviceError(f"{self.name}: not connected (next attempt in {self._next_attempt - now:.1f} s)")
         if self._client is None:
-            self._client = AsyncModbusTcpClient(
-                self.host, port=self.port, framer=self._framer, timeout=self._timeout,
-                retries=0, reconnect_delay=0, reconnect_delay_max=0,
-            )
+            self._client = self._make()
         try:
             ok = await asyncio.wait_for(self._client.connect(), self._timeout + 1.0)
         except (OSError, ModbusException, asyncio.TimeoutError) as exc:
@@ -76,25 +89,37 @@ class ModbusBus:
         self._backoff = 0.0
         return self._client
 
-    async def read(self, unit: int, function: str, address: int, count: int, timeout_s: float) -> list[int]:
+    async def read(self, unit: int, function: str, address: int, count: int, timeout_s: float,
+                   pause_s: float = 0.0) -> list[int]:
         """Read ``count`` registers; DeviceError names the cause (timeout, exception code, ...)."""
         async with self._lock:
-            client = await self._ensure()
-            call = client.read_input_registers if function == "input" else client.read_holding_registers
             try:
-                rr = await asyncio.wait_for(call(address, count=count, device_id=unit), timeout_s)
-            except asyncio.TimeoutError:
-                raise DeviceError(f"{self.name} unit {unit}: no answer within {timeout_s:g} s") from None
-            except (ModbusException, OSError) as exc:
+                return await self._read(unit, function, address, count, timeout_s)
+            finally:
+                if pause_s:
+                    await asyncio.sleep(pause_s)  # bus quiet time, still holding the line
+
+    async def _read(self, unit: int, function: str, address: int, count: int, timeout_s: float) -> list[int]:
+        client = await self._ensure()
+        call = client.read_input_registers if function == "input" else client.read_holding_registers
+        try:
+            rr = await asyncio.wait_for(call(address, count=count, device_id=unit), timeout_s)
+        except asyncio.TimeoutError:
+            if self._rtu:
+                # RTU frames carry no transaction id: a late answer would be read as the answer to
+                # the next request. Start the next one on a fresh connection.
                 client.close()
-                raise DeviceError(f"{self.name} unit {unit}: {type(exc).__name__}: {exc}") from exc
-            if rr.isError():
-                code = getattr(rr, "exception_code", None)
-                raise DeviceError(f"{self.name} unit {unit}: exception code {code} reading {function} {address}+{count}")
-            regs = list(rr.registers)
-            if len(regs) < count:
-                raise DeviceError(f"{self.name} unit {unit}: short response ({len(regs)} of {count} registers)")
-            return regs[:count]
+            raise DeviceError(f"{self.name} unit {unit}: no answer within {timeout_s:g} s") from None
+        except (ModbusException, OSError) as exc:
+            client.close()
+            raise DeviceError(f"{self.name} unit {unit}: {type(exc).__name__}: {exc}") from exc
+        if rr.isError():
+            code = getattr(rr, "exception_code", None)
+            raise DeviceError(f"{self.name} unit {unit}: exception code {code} reading {function} {address}+{count}")
+        regs = list(rr.registers)
+        if len(regs) < count:
+            raise DeviceError(f"{self.name} unit {unit}: short response ({len(regs)} of {count} registers)")
+        return regs[:count]
 
     async def close(self) -> None:
         if self._client is not None:
@@ -106,7 +131,8 @@ class MeterDriver:
     """Reads one meter's profile over a shared bus."""
 
     def __init__(self, device_id: str, unit_id: int, profile: MeterProfile, bus: ModbusBus, clock: Clock,
-                 *, timeout_s: float = 1.0, retries: int = 1, quantities: tuple[str, ...] | None = None):
+                 *, timeout_s: float = 1.0, retries: int = 1, pause_s: float = 0.0,
+                 quantities: tuple[str, ...] | None = None):
         self.device_id = device_id
         self.unit_id = unit_id
         self.profile = profile
@@ -114,6 +140,7 @@ class MeterDriver:
         self.clock = clock
         self.timeout_s = timeout_s
         self.retries = retries
+        self.pause_s = pause_s
         wanted = [q for q in (quantities or ENERGY_QUANTITIES) if q in profile.points]
         self.blocks: list[Block] = plan_blocks(profile, wanted)
 
@@ -121,7 +148,8 @@ class MeterDriver:
         last: DeviceError | None = None
         for _ in range(self.retries + 1):
             try:
-                return await self.bus.read(self.unit_id, block.function, block.start, block.count, self.timeout_s)
+                return await self.bus.read(self.unit_id, block.function, block.start, block.count, self.timeout_s,
+                                           self.pause_s)
             except DeviceError as exc:
                 last = exc
         assert last is not None

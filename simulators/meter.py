@@ -16,7 +16,7 @@ from functools import partial
 
 from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.clock import Clock
@@ -65,7 +65,7 @@ class MeterBank:
     """Serves every meter of a scenario on one port."""
 
     def __init__(self, scenario: Scenario, clock: Clock, *, host: str = "127.0.0.1", port: int = 5020,
-                 framer: str = "tcp"):
+                 framer: str = "tcp", serial_device: str | None = None, baudrate: int = 9600):
         self.scenario = scenario
         self.clock = clock
         self.host, self.port = host, port
@@ -79,8 +79,13 @@ class MeterBank:
             devices.append(SimDevice(id=m.meter.unit_id,
                                      simdata=[SimData(address=0, count=size, datatype=DataType.REGISTERS)],
                                      action=partial(self._action, m)))
-        self.server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False,
-                                      framer=FramerType.SOCKET if framer == "tcp" else FramerType.RTU)
+        if serial_device is not None:
+            # Unknown units answer exception code 4 (pymodbus' simulator cannot stay silent for
+            # them); a silent meter is the meter_silent fault.
+            self.server = ModbusSerialServer(devices, port=serial_device, framer=FramerType.RTU, baudrate=baudrate)
+        else:
+            self.server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False,
+                                          framer=FramerType.SOCKET if framer == "tcp" else FramerType.RTU)
 
     def sim_time(self) -> float:
         return self.clock.wall() - self.clock.anchor

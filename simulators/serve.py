@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--modbus-port", type=int, default=5020)
     p.add_argument("--modbus-framer", choices=["tcp", "rtu-over-tcp"], default="tcp")
+    p.add_argument("--modbus-serial", default=None, metavar="DEVICE",
+                   help="serve the meters as RTU on this serial device instead of TCP")
+    p.add_argument("--baudrate", type=int, default=9600)
     p.add_argument("--opcua-port", type=int, default=4840)
     p.add_argument("--speed", type=float, default=None, help="override the scenario's speed")
     p.add_argument("--anchor", default=None, help="wall time (ISO 8601) of scenario time 0; default: now")
@@ -41,15 +44,18 @@ def _anchor(text: str | None) -> float:
 
 
 async def serve(s: scn.Scenario, clock: Clock, *, host: str, modbus_port: int, opcua_port: int,
-                framer: str, stop: asyncio.Event, until_end: bool = False) -> None:
-    meters = MeterBank(s, clock, host=host, port=modbus_port, framer=framer)
+                framer: str, stop: asyncio.Event, until_end: bool = False, serial_device: str | None = None,
+                baudrate: int = 9600) -> None:
+    meters = MeterBank(s, clock, host=host, port=modbus_port, framer=framer, serial_device=serial_device,
+                       baudrate=baudrate)
     cncs = CncBank(s, clock, host=host, port=opcua_port)
     await meters.start()
     try:
         await cncs.start()
         try:
             units = ",".join(str(m.meter.unit_id) for m in s.machines)
-            print(f"simulators ready: modbus {framer} {host}:{modbus_port} units {units}; opcua {cncs.endpoint}; "
+            where = f"rtu {serial_device}@{baudrate}" if serial_device else f"{framer} {host}:{modbus_port}"
+            print(f"simulators ready: modbus {where} units {units}; opcua {cncs.endpoint}; "
                   f"{len(s.machines)} machines at {clock.speed:g}x", flush=True)
             if until_end:
                 end = clock.anchor + s.duration_s
@@ -78,5 +84,6 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await serve(s, clock, host=args.host, modbus_port=args.modbus_port, opcua_port=args.opcua_port,
-                framer=args.modbus_framer, stop=stop, until_end=args.until_end)
+                framer=args.modbus_framer, stop=stop, until_end=args.until_end,
+                serial_device=args.modbus_serial, baudrate=args.baudrate)
     return 0
