@@ -168,11 +168,17 @@ class CncDriver:
         return nodes
 
     async def _initial(self, nodes: dict[str, Any]) -> None:
+        """Read every value once. On the first connection the snapshot is stamped at receipt
+        (what happened before the agent started is unknown); after a reconnect each value keeps
+        its SourceTimestamp (clamped as always), so a change made during the outage is placed
+        at its own instant, not at the reconnection."""
+        since_outage = self.last_t > float("-inf")
         changes = []
         for q, node in nodes.items():
             dv = await node.read_data_value(raise_on_bad_status=False)
             good = dv.StatusCode is None or dv.StatusCode.is_good()
-            changes.append((q, dv.Value.Value if dv.Value is not None else None, None, good))
+            src = dv.SourceTimestamp if since_outage else None
+            changes.append((q, dv.Value.Value if dv.Value is not None else None, src, good))
         self._apply(changes)
         self._flush()
 
