@@ -19,6 +19,7 @@ InfluxDB in one write.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import base64
 import json
 import logging
@@ -31,7 +32,7 @@ from pathlib import Path
 from agent.config import Config, Loaded
 from agent.errors import ConfigError, DeliveryError, RecordError
 from agent.influx import InfluxWriter, WriteRejected, record_to_point
-from agent.mqtt import Message, MqttClient
+from agent.mqtt import Message, MqttClient, client_from_config
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,15 @@ def default_dead_letter_path(loaded: Loaded) -> Path:
     return ledger.parent / DEAD_LETTER_NAME
 
 
+def default_client_id(cfg) -> str:
+    """influx.client_id, else one per site and target store: two bridges writing to different
+    stores must not share a session (the broker would keep disconnecting one of them)."""
+    if cfg.influx.client_id:
+        return cfg.influx.client_id
+    target = f"{cfg.influx.url}|{cfg.influx.database or ''}|{cfg.influx.org or ''}|{cfg.influx.bucket or ''}"
+    return f"energy-bridge-{cfg.site}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
+
+
 class Bridge:
     def __init__(self, loaded: Loaded | Config, *, dead_letter_path: Path | str | None = None,
                  batch_max: int = BATCH_MAX, batch_window_s: float = BATCH_WINDOW_S,
@@ -70,10 +80,9 @@ class Bridge:
         self.batch_max = max(1, batch_max)
         self.batch_window_s = batch_window_s
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
-        self.client_id = cfg.influx.client_id or f"energy-bridge-{cfg.site}"
-        self.client = MqttClient(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=self.client_id,
-                                 keepalive=cfg.mqtt.keepalive_s, manual_ack=True, clean_start=False,
-                                 receive_maximum=2 * self.batch_max)
+        self.client_id = default_client_id(cfg)
+        self.client = client_from_config(cfg.mqtt, loaded.base, client_id=self.client_id, manual_ack=True,
+                                         clean_start=False, receive_maximum=2 * self.batch_max)
         self.writer = InfluxWriter.from_config(cfg.influx)
         self.written = 0
         """Points InfluxDB accepted (replays and redeliveries count again)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -153,14 +154,56 @@ class LedgerConfig(_Model):
     path: Path = Path("var/ledger.db")
 
 
+class MqttTls(_Model):
+    """TLS to the broker. With a tls section the agent never connects in plaintext."""
+
+    ca_file: Path | None = Field(None, description="CA certificate(s) to verify the broker (default: system CAs)")
+    cert_file: Path | None = Field(None, description="client certificate, for brokers that require one")
+    key_file: Path | None = Field(None, description="the client certificate's private key")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "MqttTls":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class MqttConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password_env: str | None = Field(None, description="name of the environment variable holding the password")
+    password_file: Path | None = Field(None, description="file holding the password (first line)")
+    tls: MqttTls | None = None
     client_id: str | None = Field(None, description="default: energy-agent-<site>-<agent_id>")
     topic_prefix: str = Field("energy/v1", description="records go to <prefix>/<site>/<agent>/<machine>/record")
     keepalive_s: int = Field(30, ge=5, le=3600)
     publish_timeout_s: float = Field(10.0, gt=0)
     max_inflight: int = Field(100, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _secret(self) -> "MqttConfig":
+        if self.password_env and self.password_file:
+            raise ValueError("password_env and password_file: give one")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+    def password(self, base: Path) -> str | None:
+        """The password from the environment or its file; ConfigError names what is missing.
+        Secrets never live in the YAML and are never part of the config hash or logs."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            path = self.password_file if self.password_file.is_absolute() else base / self.password_file
+            try:
+                return path.read_text().splitlines()[0] if path.read_text() else ""
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {path}: {exc.strerror}") from None
+        return None
 
     @field_validator("topic_prefix")
     @classmethod

@@ -449,3 +449,15 @@ def _probe(host: str, port: int) -> str:
         return "connection refused (nothing listens on that port)"
     except OSError as exc:
         return f"cannot connect: {exc.strerror or exc}"
+
+
+def client_from_config(cfg, base, *, client_id: str, **kw) -> MqttClient:
+    """An MqttClient for ``agent.config.MqttConfig``: TLS files relative to the config's
+    directory, the password from its environment variable or file (never from the YAML)."""
+
+    def path(p):
+        return None if p is None else str(p if p.is_absolute() else base / p)
+
+    tls = None if cfg.tls is None else Tls(path(cfg.tls.ca_file), path(cfg.tls.cert_file), path(cfg.tls.key_file))
+    return MqttClient(host=cfg.host, port=cfg.port, client_id=client_id, keepalive=cfg.keepalive_s,
+                      username=cfg.username, password=cfg.password(base), tls=tls, **kw)

@@ -190,13 +190,12 @@ class Agent:
         log.info("kernels ready in %.2f s", time.monotonic() - t0)
         await self.ledger.open()
         if self.cfg.mqtt is not None:
-            from agent.mqtt import MqttClient
+            from agent.mqtt import client_from_config
             from agent.publish import Publisher
 
             m = self.cfg.mqtt
-            self.mqtt = MqttClient(host=m.host, port=m.port,
-                                   client_id=m.client_id or f"energy-agent-{self.cfg.site}-{self.cfg.agent_id}",
-                                   keepalive=m.keepalive_s, max_inflight=m.max_inflight)
+            self.mqtt = client_from_config(m, self.loaded.base, max_inflight=m.max_inflight,
+                                           client_id=m.client_id or f"energy-agent-{self.cfg.site}-{self.cfg.agent_id}")
             self.publisher = Publisher(self.ledger, self.mqtt, topic_prefix=m.topic_prefix,
                                        max_inflight=m.max_inflight, publish_timeout_s=m.publish_timeout_s)
         tasks = [asyncio.create_task(self._poll_meter(d, stop), name=f"meter:{d.device_id}") for d in self.meters]

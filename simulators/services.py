@@ -244,11 +244,14 @@ class Mosquitto(Service):
     binary = "mosquitto"
     name = "mosquitto"
 
-    def __init__(self, *, persistence: bool = True, extra: str = "") -> None:
+    def __init__(self, *, persistence: bool = True, extra: str = "", tls: bool = False) -> None:
         super().__init__()
         self.persistence = persistence
         self.extra = extra
         """More mosquitto.conf lines, e.g. ``max_inflight_messages 20``."""
+        self.tls = tls
+        """The listener speaks TLS (certfile etc. in ``extra``): ready means the TLS handshake's
+        TCP accept, as a plaintext MQTT CONNECT would be refused."""
 
     @property
     def host(self) -> str:
@@ -287,6 +290,9 @@ class Mosquitto(Service):
 
     def _ready(self) -> bool:
         """TCP connect, and an MQTT CONNACK: a bare TCP accept might be someone else on the port."""
+        if self.tls:
+            with socket.create_connection((HOST, self.port), timeout=0.5):
+                return True
         with socket.create_connection((HOST, self.port), timeout=0.5) as s:
             s.settimeout(0.5)
             s.sendall(self._CONNECT)
