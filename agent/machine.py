@@ -88,7 +88,8 @@ class MachineTracker:
     def __init__(self, machine_id: str, nodemap: NodeMap, *, programs: dict[str, Any] | None = None,
                  standby_below_w: float | None = None, off_below_w: float | None = None,
                  max_gap_s: float, close_timeout_s: float, rollover_kwh: float = 0.0,
-                 max_power_w: float = 0.0, on_finished: Callable[[FinishedJob], None]):
+                 max_power_w: float = 0.0, lookback_s: float | None = None,
+                 on_finished: Callable[[FinishedJob], None]):
         self.machine = machine_id
         self.nodemap = nodemap
         self.programs = programs or {}
@@ -98,6 +99,9 @@ class MachineTracker:
         self.close_timeout_s = close_timeout_s
         self.rollover_kwh = rollover_kwh
         self.max_power_w = max_power_w
+        self.lookback_s = max_gap_s if lookback_s is None else lookback_s
+        """Between jobs, samples this far back are kept: a job start stamped at the CNC's instant
+        can arrive after later meter samples, and still needs the sample before it."""
         self.on_finished = on_finished
 
         from agent.samples import SampleBuffer, StateTimeline  # local: keeps import order simple
@@ -263,7 +267,7 @@ class MachineTracker:
     def _finish_due(self, now: float) -> None:
         if not self.ending:
             if self.open is None and (len(self.samples) > 64 or len(self.bad_times) > 64):
-                self._trim()  # between jobs only the latest sample is needed
+                self._trim()  # between jobs only the look-back window is needed
             return
         last = self.samples.last_t
         done = [e for e in self.ending if last >= e.end or now >= e.deadline]
@@ -299,7 +303,7 @@ class MachineTracker:
         starts = [e.info.start for e in self.ending]
         if self.open is not None:
             starts.append(self.open.start)
-        keep = min(starts) if starts else self.samples.last_t
+        keep = min(starts) if starts else self.samples.last_t - self.lookback_s
         self.samples.trim_before(keep)
         self.timeline.trim_before(keep)
         while self.bad_times and self.bad_times[0] < keep:

@@ -68,6 +68,7 @@ class Agent:
                 max_gap_s=m.max_gap_s or 5 * meter.poll_interval_s,
                 close_timeout_s=m.close_timeout_s or 10 * meter.poll_interval_s,
                 rollover_kwh=profile.counter_rollover_kwh(), max_power_w=profile.max_power_w or 0.0,
+                lookback_s=(m.max_gap_s or 5 * meter.poll_interval_s) + 4 * cfg.cnc(m.cnc).interval_s,
                 on_finished=self.finished.put_nowait,
             )
             self.trackers[m.id] = tracker

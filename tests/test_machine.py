@@ -175,6 +175,28 @@ def test_buffers_stay_small_between_jobs():
     assert len(pl.tr.samples) <= 65 and pl.tr.timeline.n <= 2
 
 
+def test_job_start_stamped_before_the_latest_meter_sample_keeps_full_coverage():
+    # J-A ends at 899.5; the meter sample at 900 finishes it and the buffers are trimmed. J-B's
+    # start is stamped at the CNC's instant, 899.8, but arrives late, after the samples up to
+    # 902: the sample before 899.8 must still be there (found by the simulators with jobs 2 s
+    # apart: J-B's record lost 0.3 s of coverage at its start).
+    pl = Plant()
+    pl.cnc(0.5, **snapshot(IDLE))
+    pl.run_to(800)
+    pl.cnc(800.0, **snapshot(PROCESSING, job_id="J-A"))
+    pl.run_to(899)
+    pl.cnc(899.5, **snapshot(IDLE))
+    pl.run_to(902)
+    assert [j.info.key for j in pl.jobs] == ["J-A"]
+    pl.cnc(899.8, **snapshot(PROCESSING, job_id="J-B"))
+    pl.run_to(950)
+    pl.cnc(950.0, **snapshot(IDLE))
+    pl.run_to(952)
+    job = pl.jobs[1]
+    assert job.energy.coverage == 1.0 and job.energy.gap_count == 0 and "incomplete_coverage" not in job.flags
+    assert job.energy.kwh == pytest.approx(1000 * 50.2 / 3.6e6, rel=1e-9)
+
+
 def test_state_timeline_orders_late_changes():
     from agent.samples import StateTimeline
 
