@@ -1,125 +1,231 @@
-"""Simulated power meters: one Modbus TCP (or RTU-over-TCP) server, one unit id per machine.
+"""Simulated power meters: one Modbus server, one unit id per machine: TCP, RTU-over-TCP, or
+RTU on a serial line (several meters on one RS-485 line).
 
-Registers are computed when a request arrives, from the scenario clock: power and the energy
-register (``offset + exact integral``) encoded as the meter's profile says (type, word and
-byte order, scale), so a client reads exactly what the real meter would show at that instant.
-Faults of the scenario are applied here: a silent meter does not answer, a failing one answers
-with an exception code, a reset counter restarts from zero, a bad power register reads NaN.
+Each meter is a pymodbus ``SimDevice`` with separate holding and input register blocks that
+cover exactly the address range of its profile's points of that function (reads outside it, or
+of a function the profile does not use, get exception 2, illegal address, like a real meter;
+writes are refused the same way). The device's action runs when a request arrives: it takes
+scenario time from the clock (``clock.wall() - clock.anchor``), computes what the meter shows
+at that instant (power and the closed-form energy register, plus voltage, current, power
+factor and frequency where the profile maps them) and writes the encoded registers in place,
+as the profile says (type, word and byte order, ``raw = (value - offset) / scale``; integer
+counters are floored, other integers rounded to nearest). So a client reads exactly what the
+real meter would show at the moment its request is served.
+
+Faults of the scenario act in one place, :func:`apply_faults`. A silent meter sends no answer
+at all (the action raises ``NoSuchIdException`` and the server runs with
+``ignore_missing_devices=True``, which drops the response): the client's request times out
+while other units on the same connection keep answering.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from functools import partial
+from typing import Any
 
 from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.clock import Clock
 from drivers import codec
-from drivers.profile import MeterProfile, load_profile
-from simulators.scenario import MachineSim, Scenario, Timeline
+from drivers.profile import MeterProfile, RegisterPoint
+from simulators.scenario import Fault, MachineSim, Scenario
 
 log = logging.getLogger(__name__)
 
 NOMINAL_V = 230.0
 POWER_FACTOR = 0.9
 FREQUENCY_HZ = 50.0
+FRAMERS = {"tcp": FramerType.SOCKET, "rtu-over-tcp": FramerType.RTU, "rtu": FramerType.RTU}
+FC_FUNCTION = {3: "holding", 4: "input"}
 
 
-def meter_values(m: MachineSim, tl: Timeline, faults: list, t: float) -> dict[str, float]:
-    """What the meter shows at scenario time t (faults applied)."""
+class NoAnswer(NoSuchIdException):
+    """Raised by a device action to send no response (the server ignores 'missing' devices)."""
+
+
+def physical_values(machine: MachineSim, t: float) -> dict[str, float]:
+    """What a healthy meter shows at scenario time t: every quantity a profile may map."""
+    tl = machine.timeline
     p = tl.power_at(t)
-    e = tl.counter_kwh(t)
-    for f in faults:
-        if f.kind == "counter_reset" and f.active(t):
-            e -= tl.counter_kwh(f.from_s)
-        if f.kind == "power_nan" and f.active(t):
-            p = math.nan
-    current = (p / (3 * NOMINAL_V * POWER_FACTOR)) if math.isfinite(p) else math.nan
+    current = p / (3 * NOMINAL_V * POWER_FACTOR)
     return {
-        "power_w": p, "energy_import_kwh": e, "energy_export_kwh": 0.0,
+        "power_w": p, "energy_import_kwh": tl.energy_at(t), "energy_export_kwh": 0.0,
         "voltage_l1_v": NOMINAL_V, "voltage_l2_v": NOMINAL_V, "voltage_l3_v": NOMINAL_V,
         "current_l1_a": current, "current_l2_a": current, "current_l3_a": current,
         "power_factor": POWER_FACTOR, "frequency_hz": FREQUENCY_HZ,
     }
 
 
-def encode_point(profile: MeterProfile, quantity: str, value: float) -> list[int]:
-    p = profile.points[quantity]
-    wo, bo = profile.order(quantity)
-    raw = (value - p.offset) / p.scale
-    if p.type[0] in "ui":
+def apply_faults(machine: MachineSim, faults: list[Fault], t: float, values: dict[str, float]) -> ExcCodes | None:
+    """Apply the meter faults active at t to one request: the one place meter faults act.
+
+    Raises :class:`NoAnswer` (no response is sent), returns an exception code to answer with,
+    or changes ``values`` in place and returns None. ``faults`` are in order of ``from_s``;
+    the earliest active fault that refuses the request wins, and of several counter resets the
+    latest counts.
+    """
+    for f in faults:
+        if not f.active(t):
+            continue
+        if f.kind == "meter_silent":
+            raise NoAnswer(f"{machine.id}: meter_silent")
+        if f.kind == "modbus_exception":
+            return ExcCodes(f.code or ExcCodes.DEVICE_FAILURE)
+        if f.kind == "counter_reset":
+            values["energy_import_kwh"] = machine.timeline.energy_at(t) - machine.timeline.energy_at(f.from_s)
+        elif f.kind == "power_nan":
+            values["power_w"] = math.nan
+            for q in ("current_l1_a", "current_l2_a", "current_l3_a"):
+                values[q] = math.nan
+    return None
+
+
+def meter_values(machine: MachineSim, t: float, faults: list[Fault] = ()) -> dict[str, float]:
+    """What the meter shows at t with value faults applied (refusing faults are ignored here)."""
+    values = physical_values(machine, t)
+    value_faults = [f for f in faults if f.kind not in ("meter_silent", "modbus_exception")]
+    apply_faults(machine, value_faults, t, values)
+    return values
+
+
+def _int_range(type_: str) -> tuple[int, int]:
+    bits = 16 * codec.width(type_)
+    return (0, 2**bits - 1) if type_[0] == "u" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def encode_value(point: RegisterPoint, value: float, word_order: str, byte_order: str, *, counter: bool) -> list[int]:
+    """Registers of one point showing ``value`` (in the quantity's unit)."""
+    raw = (value - point.offset) / point.scale
+    if point.type[0] in "ui":
+        lo, hi = _int_range(point.type)
         if not math.isfinite(raw):
-            raw = 0
-        # Counters truncate like a real register (never show energy not yet accumulated).
-        raw = math.floor(raw + 1e-9) if quantity.startswith("energy") else round(raw)
-    return codec.encode(raw, p.type, wo, bo)
+            raw = lo if point.type[0] == "i" else hi  # 'not available': 0x8000… signed, 0xFFFF… unsigned
+        elif counter:
+            # A counter register never shows energy not yet accumulated; the tiny allowance keeps
+            # a value that is an exact multiple of the step (802.25 kWh = 802250 Wh) from
+            # flooring one step low through binary rounding.
+            raw = math.floor(raw + abs(raw) * 1e-12 + 1e-9)
+        else:
+            raw = math.floor(raw + 0.5)
+        raw = min(max(raw, lo), hi)
+    return codec.encode(raw, point.type, word_order, byte_order)  # type: ignore[arg-type]
+
+
+def encode_point(profile: MeterProfile, quantity: str, value: float) -> list[int]:
+    wo, bo = profile.order(quantity)
+    return encode_value(profile.points[quantity], value, wo, bo, counter=quantity.startswith("energy"))
+
+
+def register_blocks(profile: MeterProfile) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
+    """(coils, discrete inputs, holding, input) for a SimDevice with separate blocks: each
+    register function covers its points' address range; an unused function has no valid address."""
+    blocks: dict[str, list[SimData]] = {}
+    for fn in ("holding", "input"):
+        spans = [(p.address, p.address + codec.width(p.type)) for p in profile.points.values() if p.function == fn]
+        if spans:
+            lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+            blocks[fn] = [SimData(lo, count=hi - lo, datatype=DataType.REGISTERS, readonly=True)]
+        else:
+            blocks[fn] = [SimData(0, datatype=DataType.INVALID)]
+    # pymodbus needs one entry per bit block; a meter has no coils: 16 read-only zeros.
+    bits = [SimData(0, datatype=DataType.BITS, readonly=True)]
+    return bits, list(bits), blocks["holding"], blocks["input"]
 
 
 class MeterBank:
-    """Serves every meter of a scenario on one port."""
+    """Serves every meter of a scenario on one port (TCP or RTU-over-TCP framing; port 0 binds a
+    free one) or, with ``serial_device``, as RTU on that serial line."""
 
     def __init__(self, scenario: Scenario, clock: Clock, *, host: str = "127.0.0.1", port: int = 5020,
                  framer: str = "tcp", serial_device: str | None = None, baudrate: int = 9600):
+        if serial_device is not None:
+            framer = "rtu"
+        if framer not in FRAMERS:
+            raise ValueError(f"framer {framer!r}: expected one of {', '.join(FRAMERS)}")
         self.scenario = scenario
         self.clock = clock
-        self.host, self.port = host, port
-        self.profiles: dict[int, MeterProfile] = {}
+        self.host = host
+        self._port = port
+        self.framer = framer
+        self.serial_device, self.baudrate = serial_device, baudrate
         self.requests = 0
+        self.profiles: dict[int, MeterProfile] = {}
         devices = []
         for m in scenario.machines:
-            prof = load_profile(m.meter.profile)
+            prof = m.meter.profile_model
             self.profiles[m.meter.unit_id] = prof
-            size = max(p.address + codec.width(p.type) for p in prof.points.values()) + 1
-            devices.append(SimDevice(id=m.meter.unit_id,
-                                     simdata=[SimData(address=0, count=size, datatype=DataType.REGISTERS)],
-                                     action=partial(self._action, m)))
+            devices.append(SimDevice(id=m.meter.unit_id, simdata=register_blocks(prof),
+                                     action=partial(self._action, m, prof, scenario.faults_of(m.id, "meter"))))
+        # ignore_missing_devices lets NoAnswer drop a response. A unit id no meter has still gets
+        # exception code 4: pymodbus' simulator answers it (not a NoSuchIdException).
+        self.server: ModbusTcpServer | ModbusSerialServer
         if serial_device is not None:
-            # Unknown units answer exception code 4 (pymodbus' simulator cannot stay silent for
-            # them); a silent meter is the meter_silent fault.
-            self.server = ModbusSerialServer(devices, port=serial_device, framer=FramerType.RTU, baudrate=baudrate)
+            self.server = ModbusSerialServer(devices, port=serial_device, framer=FramerType.RTU, baudrate=baudrate,
+                                             ignore_missing_devices=True)
         else:
-            self.server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False,
-                                          framer=FramerType.SOCKET if framer == "tcp" else FramerType.RTU)
+            self.server = ModbusTcpServer(devices, address=(host, port), framer=FRAMERS[framer],
+                                          ignore_missing_devices=True)
+        self._started = False
+
+    @property
+    def units(self) -> list[int]:
+        return [m.meter.unit_id for m in self.scenario.machines]
+
+    @property
+    def port(self) -> int:
+        """The listening port (the bound one when started on port 0); 0 on a serial line."""
+        if self.serial_device is not None:
+            return 0
+        if self._started and self.server.transport is not None:
+            return self.server.transport.sockets[0].getsockname()[1]
+        return self._port
+
+    @property
+    def where(self) -> str:
+        """Where the meters answer, for messages."""
+        if self.serial_device is not None:
+            return f"{self.serial_device} (rtu, {self.baudrate} baud)"
+        return f"{self.host}:{self.port} ({self.framer})"
 
     def sim_time(self) -> float:
         return self.clock.wall() - self.clock.anchor
 
-    async def _action(self, m: MachineSim, fc: int, start: int, address: int, count: int,
-                      regs: list[int], values) -> ExcCodes | None:
+    async def _action(self, m: MachineSim, prof: MeterProfile, faults: list[Fault], fc: int, start: int,
+                      address: int, count: int, regs: list[int], values: Any) -> ExcCodes | None:
         self.requests += 1
-        if values is not None:
-            return ExcCodes.ILLEGAL_FUNCTION  # meters are read-only here
         t = self.sim_time()
-        faults = [f for f in self.scenario.faults if f.machine == m.id]
-        for f in faults:
-            if f.active(t) and f.kind == "meter_silent":
-                # No answer: hold the request past any client timeout (bounded).
-                assert f.to_s is not None
-                await asyncio.sleep(min(10.0, self.clock.real_seconds(f.to_s - t)))
-                return ExcCodes.GATEWAY_NO_RESPONSE
-            if f.active(t) and f.kind == "modbus_exception":
-                return ExcCodes.DEVICE_FAILURE
-        prof = self.profiles[m.meter.unit_id]
-        function = "input" if fc == 4 else "holding"
-        shown = None
+        shown = physical_values(m, t)
+        refused = apply_faults(m, faults, t, shown)
+        if refused is not None:
+            return refused
+        function = FC_FUNCTION.get(fc)
+        if function is None:
+            return None
         for q, p in prof.points.items():
-            w = codec.width(p.type)
-            if p.function != function or p.address + w <= address or p.address >= address + count:
+            # regs is the whole block of this function; regs[0] is register ``start``.
+            if p.function != function or p.address + codec.width(p.type) <= address or p.address >= address + count:
                 continue
-            if shown is None:
-                shown = meter_values(m, self.scenario.timelines[m.id], faults, t)
             for i, word in enumerate(encode_point(prof, q, shown[q])):
-                regs[p.address + i - start] = word
+                regs[p.address - start + i] = word
         return None
 
     async def start(self) -> None:
         await self.server.serve_forever(background=True)
+        self._started = True
 
     async def stop(self) -> None:
         await self.server.shutdown()
+        self._started = False
+
+    async def __aenter__(self) -> "MeterBank":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

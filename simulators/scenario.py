@@ -1,89 +1,207 @@
-"""Scenarios: machines, their jobs and power, on one clock, with closed-form energy.
+"""Scenarios: machines, their jobs and power on one clock, with closed-form energy.
 
 Each machine follows a piecewise-constant operating-state timeline: its idle state before,
 between and after jobs, and each job's phases (setup, processing, interrupted) in order.
-Power in state s is ``P_s (1 + a sin(2 pi t / T + phi))`` (ripple ``a``, period ``T``), so the
-energy between any two instants has a closed form; the meter's energy register is
-``offset + E(t)`` with ``E(0) = 0`` (negative before the scenario's time zero). ``truth``
-gives every job's exact energy, total and by state. Faults change what the devices *report*,
-never the physical energy, so truth is unaffected by them.
+Power in state s is ``P_s (1 + a sin(2 pi t / T + phi))`` (ripple amplitude ``a``, period ``T``,
+phase ``phi``; zero where ``P_s`` is zero), so the energy between any two instants has a closed
+form. The meter's energy register is ``E(t) = offset + integral of P from 0 to t`` (kWh; negative
+integral before scenario time 0, so a scenario may be served before its anchor).
+
+``truth`` gives every job's exact energy, total and by state. Faults change what the devices
+*report*, never the physical energy, so truth is unaffected by them.
+
+The helpers ``state_at``, ``power_at``, ``energy_at`` (and the :class:`Timeline` methods behind
+them) take a scalar or a numpy array of scenario times.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.states import STATES
-from drivers.profile import format_validation
+from agent.states import CODE, STATES
+from drivers.profile import MeterProfile, NodeMap, format_validation, load_nodemap, load_profile
 
 JOB_STATES = ("setup", "processing", "interrupted")
-FAULT_KINDS = ("meter_silent", "modbus_exception", "counter_reset", "power_nan")
+IDLE_STATES = ("off", "standby", "ready")
+J_PER_KWH = 3.6e6
+
+
+# ------------------------------------------------------------------------------------ faults
+
+
+@dataclass(frozen=True)
+class FaultKind:
+    """What a fault kind acts on and which of ``to_s`` it takes."""
+
+    device: Literal["meter", "cnc", "server"]
+    to_s: Literal["required", "forbidden"]
+    effect: str
+
+
+FAULT_KINDS: dict[str, FaultKind] = {
+    # Adding a kind: an entry here (validation, docs), its effect in the device's fault hook
+    # (``simulators.meter.apply_faults`` for meters; ``simulators.cnc.cnc_events`` for CNCs,
+    # where a fault's start and end become events of the published timeline).
+    "meter_silent": FaultKind("meter", "required",
+                              "the meter does not answer in [from_s, to_s): requests time out"),
+    "modbus_exception": FaultKind("meter", "required",
+                                  "the meter answers with an exception response (code 4, device failure, "
+                                  "unless `code` says otherwise) in [from_s, to_s)"),
+    "counter_reset": FaultKind("meter", "forbidden",
+                               "at from_s the energy register restarts from 0: it shows E(t) - E(from_s) from then on"),
+    "power_nan": FaultKind("meter", "required",
+                           "the power register reads NaN in [from_s, to_s) (integer registers: the type's "
+                           "'not available' value, 0x8000… signed or 0xFFFF… unsigned); currents too"),
+}
+
+MODBUS_EXCEPTION_CODES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11)
 
 
 class _M(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Fault(_M):
+    machine: str
+    kind: str = Field(description=f"one of {', '.join(FAULT_KINDS)}")
+    from_s: float
+    to_s: float | None = Field(None, description="end of the fault (exclusive); counter_reset takes none")
+    code: int | None = Field(None, description="modbus_exception: the exception code (default 4)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Fault":
+        kind = FAULT_KINDS.get(self.kind)
+        if kind is None:
+            raise ValueError(f"kind: unknown fault kind {self.kind!r} (known: {', '.join(FAULT_KINDS)})")
+        if kind.to_s == "required" and self.to_s is None:
+            raise ValueError(f"to_s: {self.kind} needs an end (to_s)")
+        if kind.to_s == "forbidden" and self.to_s is not None:
+            raise ValueError(f"to_s: {self.kind} happens at from_s and takes no to_s")
+        if self.to_s is not None and not self.to_s > self.from_s:
+            raise ValueError(f"to_s: {self.to_s:g} is not after from_s {self.from_s:g}")
+        if self.code is not None:
+            if self.kind != "modbus_exception":
+                raise ValueError(f"code: only modbus_exception takes a code, not {self.kind}")
+            if self.code not in MODBUS_EXCEPTION_CODES:
+                raise ValueError(f"code: {self.code} is not a Modbus exception code "
+                                 f"({', '.join(map(str, MODBUS_EXCEPTION_CODES))})")
+        return self
+
+    @property
+    def device(self) -> str:
+        return FAULT_KINDS[self.kind].device
+
+    def active(self, t: float) -> bool:
+        """Whether the fault holds at scenario time t ([from_s, to_s), or from from_s on)."""
+        return self.from_s <= t and (self.to_s is None or t < self.to_s)
+
+
+# ------------------------------------------------------------------------------------ scenario
+
+
+def _ref(ref: str, info: ValidationInfo) -> str:
+    """A profile/node map reference; a relative .yaml path is taken relative to the scenario file."""
+    base = (info.context or {}).get("base")
+    p = Path(ref)
+    if base is not None and p.suffix in (".yaml", ".yml") and not p.is_absolute():
+        return str(Path(base) / p)
+    return ref
+
+
 class Ripple(_M):
-    amplitude: float = Field(0.0, ge=0.0, le=0.5, description="relative ripple of power")
+    amplitude: float = Field(0.0, ge=0.0, lt=1.0, description="relative ripple of power")
     period_s: float = Field(60.0, gt=0)
-    phase: float = 0.0
+    phase: float = Field(0.0, description="radians")
 
 
 class MeterSim(_M):
     unit_id: int = Field(ge=1, le=247)
-    profile: str
-    energy_offset_kwh: float = Field(0.0, ge=0)
+    profile: str = Field(description="built-in profile name or path to a profile .yaml")
+    energy_offset_kwh: float = Field(0.0, ge=0, description="register value at scenario time 0")
     ripple: Ripple = Field(default_factory=Ripple)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str, info: ValidationInfo) -> str:
+        v = _ref(v, info)
+        try:
+            load_profile(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @cached_property
+    def profile_model(self) -> MeterProfile:
+        return load_profile(self.profile)
 
 
 class CncSim(_M):
-    node_map: str = "opc40502"
-    channel: str
-    job: str
+    node_map: str = Field("opc40502", description="built-in node map name or path to a node map .yaml")
+    channel: str = Field(description="node map param 'channel' (string node id prefix of the channel)")
+    job: str = Field(description="node map param 'job' (string node id prefix of the production job)")
+
+    @field_validator("node_map")
+    @classmethod
+    def _node_map(cls, v: str, info: ValidationInfo) -> str:
+        v = _ref(v, info)
+        try:
+            load_nodemap(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @cached_property
+    def node_map_model(self) -> NodeMap:
+        return load_nodemap(self.node_map)
 
 
 class JobSpec(_M):
-    job_id: str
-    program: str
+    job_id: str = Field(min_length=1)
+    program: str = Field(min_length=1)
     product: str | None = None
     serial: str | None = None
     subassembly: str | None = None
     parts: int = Field(1, ge=0)
     start_s: float
-    phases: list[tuple[str, float]]
+    phases: list[tuple[str, float]] = Field(description="[[state, duration_s], ...] in order")
 
     @model_validator(mode="after")
     def _phases(self) -> "JobSpec":
         if not self.phases:
-            raise ValueError("a job needs at least one phase")
+            raise ValueError("phases: a job needs at least one phase")
         for i, (state, dur) in enumerate(self.phases):
+            if state not in STATES:
+                raise ValueError(f"phases[{i}]: {state!r} is not an operating state ({', '.join(STATES)})")
             if state not in JOB_STATES:
                 raise ValueError(f"phases[{i}]: {state!r} is not a job state ({', '.join(JOB_STATES)})")
-            if not dur > 0:
-                raise ValueError(f"phases[{i}]: duration must be > 0")
+            if not (dur > 0 and math.isfinite(dur)):
+                raise ValueError(f"phases[{i}]: duration {dur:g} must be > 0")
         return self
 
     @property
+    def duration_s(self) -> float:
+        return sum(d for _, d in self.phases)
+
+    @property
     def end_s(self) -> float:
-        return self.start_s + sum(d for _, d in self.phases)
+        return self.start_s + self.duration_s
 
 
 class MachineSim(_M):
-    id: str
+    id: str = Field(min_length=1)
     meter: MeterSim
     cnc: CncSim
-    power_w: dict[str, float]
-    idle_state: Literal["off", "standby", "ready"] = "ready"
+    power_w: dict[str, float] = Field(description="power per operating state (W), for the states it uses")
+    idle_state: Literal["off", "standby", "ready"] = Field("ready", description="state before, between, after jobs")
     jobs: list[JobSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -91,140 +209,217 @@ class MachineSim(_M):
         for s, p in self.power_w.items():
             if s not in STATES:
                 raise ValueError(f"power_w: unknown state {s!r} (known: {', '.join(STATES)})")
-            if p < 0:
-                raise ValueError(f"power_w.{s}: must be >= 0")
+            if not (p >= 0 and math.isfinite(p)):
+                raise ValueError(f"power_w.{s}: {p:g} must be >= 0")
         used = {self.idle_state} | {s for j in self.jobs for s, _ in j.phases}
-        missing = sorted(used - set(self.power_w))
+        missing = [s for s in STATES if s in used and s not in self.power_w]
         if missing:
-            raise ValueError(f"power_w: no power for states {missing}")
-        for k in range(1, len(self.jobs)):
-            prev, job = self.jobs[k - 1], self.jobs[k]
-            if job.start_s < prev.end_s:
-                raise ValueError(f"jobs[{k}].start_s: {job.job_id} starts at {job.start_s:g} s, "
-                                 f"before job {prev.job_id} ends at {prev.end_s:g} s")
+            raise ValueError(f"power_w: no power for states {', '.join(missing)}")
+        seen: dict[str, int] = {}
+        for k, job in enumerate(self.jobs):
+            if job.job_id in seen:
+                raise ValueError(f"jobs[{k}].job_id: {job.job_id!r} already used by jobs[{seen[job.job_id]}]")
+            seen[job.job_id] = k
+        order = sorted(range(len(self.jobs)), key=lambda k: (self.jobs[k].start_s, k))
+        for prev, k in zip(order, order[1:]):
+            a, b = self.jobs[prev], self.jobs[k]
+            if b.start_s < a.end_s:
+                raise ValueError(f"jobs[{k}].start_s: overlaps job {a.job_id} ({b.job_id} starts at {b.start_s:g} s, "
+                                 f"{a.job_id} runs {a.start_s:g} to {a.end_s:g} s)")
         return self
 
-
-class Fault(_M):
-    machine: str
-    kind: Literal["meter_silent", "modbus_exception", "counter_reset", "power_nan"]
-    from_s: float
-    to_s: float | None = Field(None, description="end of the fault (exclusive); counter_reset needs none")
-
-    @model_validator(mode="after")
-    def _span(self) -> "Fault":
-        if self.kind != "counter_reset" and (self.to_s is None or self.to_s <= self.from_s):
-            raise ValueError(f"{self.kind} needs to_s after from_s")
-        return self
-
-    def active(self, t: float) -> bool:
-        return self.from_s <= t and (self.to_s is None or t < self.to_s)
+    @cached_property
+    def timeline(self) -> "Timeline":
+        return Timeline(self)
 
 
 class Scenario(_M):
     name: str
-    speed: float = Field(1.0, gt=0, le=1000)
-    duration_s: float = Field(gt=0)
-    namespace: str = "urn:energy-agent:sim"
-    machines: list[MachineSim]
+    speed: float = Field(1.0, gt=0, le=10_000, description="scenario seconds per real second")
+    duration_s: float = Field(gt=0, description="scenario end, scenario seconds after the anchor")
+    namespace: str = Field("urn:energy-agent:sim", min_length=1, description="OPC UA namespace URI of the CNC nodes")
+    machines: list[MachineSim] = Field(min_length=1)
     faults: list[Fault] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> "Scenario":
-        ids, units = set(), set()
+        ids: dict[str, int] = {}
+        units: dict[int, int] = {}
         for i, m in enumerate(self.machines):
             if m.id in ids:
-                raise ValueError(f"machines[{i}].id: duplicate machine {m.id!r}")
+                raise ValueError(f"machines[{i}].id: duplicate machine {m.id!r} (also machines[{ids[m.id]}])")
             if m.meter.unit_id in units:
-                raise ValueError(f"machines[{i}].meter.unit_id: unit {m.meter.unit_id} already used")
-            ids.add(m.id)
-            units.add(m.meter.unit_id)
+                raise ValueError(f"machines[{i}].meter.unit_id: unit {m.meter.unit_id} already used by "
+                                 f"machines[{units[m.meter.unit_id]}]")
+            ids[m.id] = i
+            units[m.meter.unit_id] = i
+            for k, job in enumerate(m.jobs):
+                if job.end_s > self.duration_s:
+                    raise ValueError(f"machines[{i}].jobs[{k}].start_s: job {job.job_id} ends at {job.end_s:g} s, "
+                                     f"after the scenario (duration_s {self.duration_s:g})")
         for i, f in enumerate(self.faults):
             if f.machine not in ids:
-                raise ValueError(f"faults[{i}].machine: unknown machine {f.machine!r}")
+                raise ValueError(f"faults[{i}].machine: unknown machine {f.machine!r} (known: {', '.join(ids)})")
         return self
 
-    @cached_property
+    def machine(self, machine_id: str) -> MachineSim:
+        for m in self.machines:
+            if m.id == machine_id:
+                return m
+        raise KeyError(machine_id)
+
+    @property
     def timelines(self) -> dict[str, "Timeline"]:
-        return {m.id: Timeline(m) for m in self.machines}
+        return {m.id: m.timeline for m in self.machines}
+
+    def faults_of(self, machine_id: str, device: str | None = None) -> list[Fault]:
+        """The faults of one machine (optionally of one device), in order of from_s."""
+        return sorted((f for f in self.faults if f.machine == machine_id and (device is None or f.device == device)),
+                      key=lambda f: f.from_s)
+
+    def with_faults(self, faults: list[dict[str, Any] | Fault]) -> "Scenario":
+        """A copy of this scenario with other faults (validated)."""
+        data = self.model_dump()
+        data["faults"] = [f.model_dump() if isinstance(f, Fault) else f for f in faults]
+        return Scenario.model_validate(data)
+
+    def with_speed(self, speed: float) -> "Scenario":
+        data = self.model_dump()
+        data["speed"] = speed
+        return Scenario.model_validate(data)
 
 
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    state: str
-    job: int | None  # index into machine.jobs
+# ------------------------------------------------------------------------------------ timeline
 
 
 class Timeline:
-    """A machine's states over all time, with closed-form power and energy."""
+    """A machine's states over all time, with closed-form power and energy.
+
+    Segments ``[starts[k], starts[k+1])`` of constant state (the first from -inf, the last to
+    +inf); a boundary belongs to the segment it starts (values are right-continuous). Methods
+    taking ``t`` accept a float or a numpy array.
+    """
 
     def __init__(self, machine: MachineSim):
-        self.m = machine
+        self.machine = machine
         r = machine.meter.ripple
         self.a, self.w, self.phi = r.amplitude, 2 * math.pi / r.period_s, r.phase
-        segs: list[Segment] = []
-        t = -math.inf
-        for k, job in enumerate(machine.jobs):
-            if job.start_s > t:
-                segs.append(Segment(t, job.start_s, machine.idle_state, None))
+        self.order = sorted(range(len(machine.jobs)), key=lambda k: machine.jobs[k].start_s)
+        starts, states, jobs = [-math.inf], [machine.idle_state], [-1]
+        for k in self.order:
+            job = machine.jobs[k]
             t = job.start_s
             for state, dur in job.phases:
-                segs.append(Segment(t, t + dur, state, k))
+                starts.append(t)
+                states.append(state)
+                jobs.append(k)
                 t += dur
-        segs.append(Segment(t, math.inf, machine.idle_state, None))
-        self.segments = segs
-        self.starts = [s.start for s in segs]
+            starts.append(t)  # idle after the job (dropped below when the next one starts at once)
+            states.append(machine.idle_state)
+            jobs.append(-1)
+        keep = [i for i in range(len(starts)) if i + 1 == len(starts) or starts[i + 1] != starts[i]]
+        starts, states, jobs = [starts[i] for i in keep], [states[i] for i in keep], [jobs[i] for i in keep]
+        self.starts = np.array(starts, dtype=float)
+        self.ends = np.append(self.starts[1:], math.inf)
+        self.states = tuple(states)
+        self.codes = np.array([CODE[s] for s in states], dtype=np.uint8)
+        self.jobs = np.array(jobs, dtype=np.int64)
+        self.p = np.array([machine.power_w[s] for s in states], dtype=float)
+        self.bounds = self.starts[1:]
+        # Each segment's reference point (its start; for the first, the first boundary or 0) and
+        # the integral of power from the first boundary to it: R(ref_k).
+        self.ref = self.starts.copy()
+        self.ref[0] = self.bounds[0] if len(self.bounds) else 0.0
+        c = np.zeros(len(self.starts))
+        for k in range(1, len(self.starts) - 1):
+            c[k + 1] = c[k] + self._seg_ws(k, self.starts[k], self.starts[k + 1])
+        self.c = c
+        self.r0 = float(self._r(0.0))
 
-    def segment_at(self, t: float) -> Segment:
-        return self.segments[bisect.bisect_right(self.starts, t) - 1]
+    # -------------------------------------------------------------- closed form
 
-    def power_at(self, t: float) -> float:
-        p = self.m.power_w[self.segment_at(t).state]
-        return p * (1.0 + self.a * math.sin(self.w * t + self.phi))
+    def _antiderivative(self, k, t):
+        """W s: P_k (t - a/w cos(w t + phi)), a primitive of the power in segment k."""
+        if self.a:
+            return self.p[k] * (t - self.a / self.w * np.cos(self.w * t + self.phi))
+        return self.p[k] * t
 
-    def _integral_ws(self, state: str, a: float, b: float) -> float:
-        """Exact integral of power in ``state`` over [a, b], in W s."""
-        p = self.m.power_w[state]
+    def _seg_ws(self, k: int, a: float, b: float) -> float:
+        """Exact energy of segment k's state over [a, b] (inside the segment), W s."""
+        p = float(self.p[k])
         if p == 0.0 or b <= a:
             return 0.0
         ripple = 0.0
         if self.a:
             ripple = -self.a / self.w * (math.cos(self.w * b + self.phi) - math.cos(self.w * a + self.phi))
-        return p * ((b - a) + ripple)
+        return float(p * ((b - a) + ripple))
+
+    def _r(self, t):
+        """Integral of power from the first boundary to t (W s), closed form, vectorised."""
+        k = np.searchsorted(self.bounds, t, side="right")
+        return self.c[k] + self._antiderivative(k, t) - self._antiderivative(k, self.ref[k])
+
+    # -------------------------------------------------------------- public
+
+    def segment_index(self, t):
+        return np.searchsorted(self.bounds, t, side="right")
+
+    def state_code_at(self, t):
+        out = self.codes[self.segment_index(t)]
+        return int(out) if np.ndim(out) == 0 else out
+
+    def state_at(self, t):
+        """Operating state name at t (an array of names for an array of times)."""
+        k = self.segment_index(t)
+        if np.ndim(k) == 0:
+            return self.states[int(k)]
+        return np.asarray(STATES)[self.codes[k]]
+
+    def power_at(self, t):
+        """Power (W) at t."""
+        k = self.segment_index(t)
+        p = self.p[k] * (1.0 + self.a * np.sin(self.w * np.asarray(t, dtype=float) + self.phi))
+        return float(p) if np.ndim(p) == 0 else p
 
     def energy_ws(self, a: float, b: float) -> dict[str, float]:
-        """Energy over [a, b] by state (W s)."""
+        """Energy over [a, b] by state (W s), summed segment by segment in closed form."""
         out = {s: 0.0 for s in STATES}
-        i = bisect.bisect_right(self.starts, a) - 1
-        while i < len(self.segments) and self.segments[i].start < b:
-            s = self.segments[i]
-            out[s.state] += self._integral_ws(s.state, max(a, s.start), min(b, s.end))
-            i += 1
+        if not b > a:
+            return out
+        k = int(self.segment_index(a))
+        while k < len(self.starts) and self.starts[k] < b:
+            out[self.states[k]] += self._seg_ws(k, max(a, float(self.starts[k])), min(b, float(self.ends[k])))
+            k += 1
         return out
 
-    def counter_kwh(self, t: float) -> float:
-        """The meter's (unfaulted) energy register: offset + integral from 0 to t."""
-        e = sum(self.energy_ws(0.0, t).values()) if t >= 0 else -sum(self.energy_ws(t, 0.0).values())
-        return self.m.meter.energy_offset_kwh + e / 3.6e6
+    def energy_at(self, t):
+        """The meter's (unfaulted) energy register at t: offset + integral of P from 0 to t (kWh)."""
+        e = self.machine.meter.energy_offset_kwh + (self._r(np.asarray(t, dtype=float)) - self.r0) / J_PER_KWH
+        return float(e) if np.ndim(e) == 0 else e
 
-    def last_change(self, t: float) -> float | None:
-        """When the values shown at t were set (None: unchanged since the beginning of time)."""
-        start = self.segment_at(t).start
-        return start if math.isfinite(start) else None
+    counter_kwh = energy_at
+
+    def job_index_at(self, t: float) -> int | None:
+        k = int(self.jobs[int(self.segment_index(t))])
+        return None if k < 0 else k
+
+    def job_at(self, t: float) -> JobSpec | None:
+        """The job running at t (a job's window is [start_s, end_s)), or None."""
+        k = self.job_index_at(t)
+        return None if k is None else self.machine.jobs[k]
 
     def change_times(self, a: float, b: float) -> list[float]:
-        """State/job boundaries in (a, b]."""
-        return [s.start for s in self.segments if a < s.start <= b]
+        """Segment boundaries in (a, b]."""
+        return [float(x) for x in self.bounds if a < x <= b]
 
-    def cnc_values(self, t: float) -> dict[str, object]:
-        """What the CNC shows at t (raw OPC 40502-style values)."""
-        seg = self.segment_at(t)
-        done = [j for j in self.m.jobs if j.end_s <= t]
-        current = self.m.jobs[seg.job] if seg.job is not None else None
+    # -------------------------------------------------------------- CNC view
+
+    def _cnc_values_of(self, k: int) -> dict[str, Any]:
+        start = self.starts[k]
+        done = [self.machine.jobs[j] for j in self.order if self.machine.jobs[j].end_s <= start]
+        current = self.machine.jobs[self.jobs[k]] if self.jobs[k] >= 0 else None
         shown = current or (done[-1] if done else None)
-        status = {"processing": (0, 1, 0), "setup": (0, 0, 2), "interrupted": (1, 3, 0)}.get(seg.state, (2, 0, 0))
+        status = CNC_STATUS.get(self.states[k], CNC_STATUS_IDLE)
         return {
             "channel_status": status[0], "program_status": status[1], "operation_mode": status[2],
             "program": shown.program if shown else "",
@@ -235,8 +430,64 @@ class Timeline:
             "subassembly": (shown.subassembly or "") if shown else "",
         }
 
+    @cached_property
+    def cnc_changes(self) -> list[tuple[float, dict[str, Any]]]:
+        """What the CNC shows: ``[(-inf, all values), (t, changed values), ...]`` in time order."""
+        out: list[tuple[float, dict[str, Any]]] = []
+        shown: dict[str, Any] = {}
+        for k in range(len(self.starts)):
+            values = self._cnc_values_of(k)
+            changed = {q: v for q, v in values.items() if shown.get(q, _UNSET) != v}
+            if changed:
+                out.append((float(self.starts[k]), changed))
+                shown.update(changed)
+        return out
+
+    def cnc_values(self, t: float) -> dict[str, Any]:
+        """What the CNC shows at t (raw OPC 40502-style values)."""
+        return dict(self._cnc_values_of(int(self.segment_index(t))))
+
+    def last_change(self, t: float) -> float | None:
+        """When the values shown at t were set (None: unchanged since the beginning of time)."""
+        start = float(self.starts[int(self.segment_index(t))])
+        return start if math.isfinite(start) else None
+
+
+_UNSET = object()
+CNC_STATUS: dict[str, tuple[int, int, int]] = {
+    # state: (ActStatus CncChannelStatus, ActProgramStatus, ActOperationMode) per OPC 40502
+    "processing": (0, 1, 0),   # Active, Running, Automatic
+    "setup": (0, 0, 2),        # Active, Stopped, JOG
+    "interrupted": (1, 3, 0),  # Interrupted, Interrupted, Automatic
+}
+CNC_STATUS_IDLE = (2, 0, 0)    # Reset, Stopped, Automatic (off, standby, ready)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def state_at(machine: MachineSim, t):
+    """Operating state of ``machine`` at scenario time t (name; array of names for an array)."""
+    return machine.timeline.state_at(t)
+
+
+def power_at(machine: MachineSim, t):
+    """Power (W) of ``machine`` at t; vectorised over numpy arrays."""
+    return machine.timeline.power_at(t)
+
+
+def energy_at(machine: MachineSim, t):
+    """Energy register (kWh, unfaulted) of ``machine``'s meter at t; vectorised."""
+    return machine.timeline.energy_at(t)
+
+
+def job_at(machine: MachineSim, t: float) -> JobSpec | None:
+    """The job ``machine`` runs at t, or None (idle)."""
+    return machine.timeline.job_at(t)
+
 
 def load(path: str | Path) -> Scenario:
+    """Load and validate a scenario file; ConfigError names the file and the field."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -244,23 +495,31 @@ def load(path: str | Path) -> Scenario:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse(data, base=p.parent, source=str(p))
+
+
+def parse(data: Any, *, base: Path | None = None, source: str = "scenario") -> Scenario:
+    """Validate scenario data (a dict as in the YAML file)."""
     try:
-        return Scenario.model_validate(data)
+        return Scenario.model_validate(data, context={"base": base})
     except ValidationError as exc:
-        raise ConfigError(f"{p}: {format_validation(exc)}") from None
+        raise ConfigError(f"{source}: {format_validation(exc)}") from None
 
 
-def truth(scenario: Scenario) -> list[dict]:
-    """Every job's exact energy (kWh, total and by state) and the counter value at its end."""
+def truth(scenario: Scenario) -> list[dict[str, Any]]:
+    """Every job's exact energy (kWh, total and by state over its window [start_s, end_s]), in
+    closed form, with the (unfaulted) energy register at the job's start and end."""
     out = []
     for m in scenario.machines:
-        tl = scenario.timelines[m.id]
-        for job in m.jobs:
-            by_state = {s: ws / 3.6e6 for s, ws in tl.energy_ws(job.start_s, job.end_s).items()}
+        tl = m.timeline
+        for k in tl.order:
+            job = m.jobs[k]
+            by_state = {s: ws / J_PER_KWH for s, ws in tl.energy_ws(job.start_s, job.end_s).items()}
             out.append({
                 "machine": m.id, "job_id": job.job_id, "program": job.program, "product": job.product,
                 "serial": job.serial, "subassembly": job.subassembly, "parts": job.parts,
-                "start_s": job.start_s, "end_s": job.end_s, "kwh": sum(by_state.values()), "by_state": by_state,
-                "counter_end_kwh": tl.counter_kwh(job.end_s),
+                "start_s": job.start_s, "end_s": job.end_s, "duration_s": job.duration_s,
+                "kwh": sum(by_state.values()), "by_state": by_state,
+                "counter_start_kwh": tl.energy_at(job.start_s), "counter_end_kwh": tl.energy_at(job.end_s),
             })
     return out
