@@ -123,6 +123,16 @@ class Ripple(_M):
     phase: float = Field(0.0, description="radians")
 
 
+def _loadable(ref: str, info: ValidationInfo, loader) -> str:
+    """A profile or node map reference (resolved against the scenario file) that loads."""
+    ref = _ref(ref, info)
+    try:
+        loader(ref)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return ref
+
+
 class MeterSim(_M):
     unit_id: int = Field(ge=1, le=247)
     profile: str = Field(description="built-in profile name or path to a profile .yaml")
@@ -132,12 +142,7 @@ class MeterSim(_M):
     @field_validator("profile")
     @classmethod
     def _profile(cls, v: str, info: ValidationInfo) -> str:
-        v = _ref(v, info)
-        try:
-            load_profile(v)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return _loadable(v, info, load_profile)
 
     @cached_property
     def profile_model(self) -> MeterProfile:
@@ -152,12 +157,7 @@ class CncSim(_M):
     @field_validator("node_map")
     @classmethod
     def _node_map(cls, v: str, info: ValidationInfo) -> str:
-        v = _ref(v, info)
-        try:
-            load_nodemap(v)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return _loadable(v, info, load_nodemap)
 
     @cached_property
     def node_map_model(self) -> NodeMap:
