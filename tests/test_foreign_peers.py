@@ -150,11 +150,14 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server, mode
         await _write(nodes["job_id"], "ORD-1", ua.VariantType.String, t1)
         await _write(nodes["serial"], "S-0001", ua.VariantType.String, t1)
         await _write(nodes["run_state"], 3, ua.VariantType.Int32, t1)
-        await asyncio.sleep(0.6)
+        n0 = meter.requests
+        await _until(lambda: meter.requests >= n0 + 10, 10, "10 meter polls in setup")
         t2 = time.time()  # cycle start
         schedule.set(t2, 6000.0)
         await _write(nodes["run_state"], 1, ua.VariantType.Int32, t2)
-        await asyncio.sleep(1.5)
+        # Cut until the meter has been sampled 20 times in processing (~1 s at 50 ms polls).
+        n0 = meter.requests
+        await _until(lambda: meter.requests >= n0 + 20, 10, "20 meter polls while processing")
         t3 = time.time()  # cycle end: one part, order cleared
         schedule.set(t3, 800.0)
         await _write(nodes["run_state"], 0, ua.VariantType.Int32, t3)
