@@ -132,3 +132,22 @@ def test_secret_errors_name_the_field(tmp_path, monkeypatch):
         _cfg(tmp_path, 8883, password_env="X")
     with pytest.raises(ConfigError, match="cert_file and key_file go together"):
         _cfg(tmp_path, 8883, tls={"cert_file": "c.pem"})
+
+
+async def test_acl_confines_an_agent_to_its_own_prefix(tmp_path):
+    # The per-agent ACL documented in deploy/mosquitto.conf, enforced by a real broker.
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    subprocess.run([require("mosquitto_passwd"), "-c", "-b", str(passwd), "gw-1", PASSWORD], check=True,
+                   capture_output=True)
+    acl.write_text("user gw-1\ntopic write energy/v1/plant-a/gw-1/+/record\n")
+    broker = Mosquitto(extra=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
+    broker.start(tmp_path / "broker")
+    c = MqttClient(host="127.0.0.1", port=broker.port, client_id="gw-1", username="gw-1", password=PASSWORD)
+    try:
+        await c.connect(5)
+        await c.publish("energy/v1/plant-a/gw-1/m1/record", b"{}")  # its own prefix: accepted
+        with pytest.raises(DeliveryError, match="refused|[Nn]ot authori[sz]ed"):
+            await c.publish("energy/v1/plant-a/gw-2/m1/record", b"{}", timeout=5)  # someone else's
+    finally:
+        await c.close()
+        broker.stop()
