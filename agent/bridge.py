@@ -19,8 +19,8 @@ InfluxDB in one write.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -29,10 +29,11 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent.clock import sleep_or_stop
 from agent.config import Config, Loaded
 from agent.errors import ConfigError, DeliveryError, RecordError
 from agent.influx import InfluxWriter, WriteRejected, record_to_point
-from agent.mqtt import Message, MqttClient, client_from_config
+from agent.mqtt import Message, client_from_config
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +140,14 @@ class Bridge:
         logged = False
         while True:
             try:
-                self._dead_letter(msg, kind, reason)
+                await asyncio.to_thread(self._dead_letter, msg, kind, reason)  # append + fsync: not on the loop
                 break
             except OSError as exc:
                 if not logged:
                     log.error("cannot write the dead-letter file %s (%s); the message stays unacknowledged, "
                               "retrying", self.dead_letter_path, exc)
                     logged = True
-            if await _sleep_or_stop(stop, delay):
+            if await sleep_or_stop(stop, delay):
                 return False
             delay = min(self.retry_max_s, delay * 2)
         self.client.ack(msg)
@@ -168,7 +169,7 @@ class Bridge:
                     self._failing_since = time.monotonic()
                     log.warning("write to InfluxDB failed (%s); retrying with backoff up to %g s, the messages "
                                 "stay unacknowledged", exc, self.retry_max_s)
-                if await _sleep_or_stop(stop, delay):
+                if await sleep_or_stop(stop, delay):
                     return False
                 delay = min(self.retry_max_s, delay * 2)
                 continue
@@ -275,15 +276,6 @@ class Bridge:
             self.writer.close()
             log.info("bridge stopped: %d points written, dead letters: %s", self.written,
                      ", ".join(f"{k} {n}" for k, n in sorted(self.dead.items())) or "none")
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep; True if ``stop`` was set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-        return True
-    except asyncio.TimeoutError:
-        return stop.is_set()
 
 
 async def run_bridge(loaded: Loaded, stop: asyncio.Event, *, dead_letter_path: Path | str | None = None) -> int:

@@ -12,6 +12,7 @@ use the default ``speed=1``, where both clocks are the system's own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -48,3 +49,12 @@ class Clock:
     def real_seconds(self, seconds: float) -> float:
         """Real seconds to wait for ``seconds`` of clock time."""
         return seconds / self.speed
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` (real) or until ``stop`` is set; True when stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+        return True
+    except asyncio.TimeoutError:
+        return stop.is_set()

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent import energy, record
-from agent.clock import Clock
+from agent.clock import Clock, sleep_or_stop
 from agent.config import Loaded
 from agent.errors import AgentError, DuplicateRecord
 from agent.ledger import Ledger
@@ -115,10 +115,7 @@ class Agent:
             now = loop.time()
             if next_at < now:  # fell behind: skip missed ticks rather than burst
                 next_at = now + interval - ((now - next_at) % interval)
-            try:
-                await asyncio.wait_for(stop.wait(), next_at - now)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_or_stop(stop, next_at - now)
 
     async def _ticker(self, stop: asyncio.Event) -> None:
         all_seen = False
@@ -129,10 +126,7 @@ class Agent:
             if not all_seen and all(t.seen_cnc and len(t.samples) for t in self.trackers.values()):
                 all_seen = True
                 log.info("all devices answering (%.1f s after start)", time.monotonic() - self.stats.started)
-            try:
-                await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_or_stop(stop, 0.5)
 
     def _build_record(self, job: FinishedJob):
         cfg = self.cfg
@@ -237,8 +231,5 @@ class Agent:
                 break
             except AgentError as exc:
                 log.warning("MQTT broker not reachable yet (%s); records stay in the ledger", exc)
-                try:
-                    await asyncio.wait_for(stop.wait(), 5.0)
-                except asyncio.TimeoutError:
-                    pass
+                await sleep_or_stop(stop, 5.0)
         await self.publisher.run(stop)

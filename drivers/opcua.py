@@ -22,7 +22,7 @@ from typing import Any
 from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
 
-from agent.clock import Clock
+from agent.clock import Clock, sleep_or_stop
 from agent.errors import DeviceError
 from drivers.profile import NodeMap
 from drivers.reading import Reading
@@ -228,10 +228,7 @@ class CncDriver:
                     changes.append((q, key[0], dv.SourceTimestamp, good))
             if changes:
                 self._apply(changes)
-            try:
-                await asyncio.wait_for(stop.wait(), self.clock.real_seconds(self.interval_s))
-            except asyncio.TimeoutError:
-                pass
+            await sleep_or_stop(stop, self.clock.real_seconds(self.interval_s))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, follow, reconnect; returns when ``stop`` is set."""
@@ -267,7 +264,4 @@ class CncDriver:
                     log.warning("%s: unavailable (%s: %s)", self.device_id, type(exc).__name__, exc)
                     self.emit(Reading(self.device_id, self.clock.mono(), self.clock.wall(), error=str(exc) or type(exc).__name__))
                 backoff = min(self.backoff[1], max(self.backoff[0], backoff * 2))
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff)
-                except asyncio.TimeoutError:
-                    pass
+                await sleep_or_stop(stop, backoff)
