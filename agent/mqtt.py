@@ -29,7 +29,6 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
@@ -383,11 +382,6 @@ class MqttClient:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise DeliveryError(f"{self.where}: subscribe {topic_filter}: no SUBACK within {timeout:g} s") from None
-
-    async def messages(self) -> AsyncIterator[Message]:
-        """Received messages, in arrival order, forever."""
-        while True:
-            yield await self._queue.get()
 
     async def next_message(self, timeout: float | None = None) -> Message | None:
         """The next received message, or None after ``timeout`` seconds."""

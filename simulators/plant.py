@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from simulators.services import free_port, stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "config" / "demo.yaml"
 DEMO_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "demo.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -49,14 +43,7 @@ class Proc:
             return ""
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.alive():
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        return self.popen.returncode
+        return stop_process(self.popen, timeout)
 
 
 @dataclass

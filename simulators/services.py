@@ -52,6 +52,28 @@ def require(binary: str) -> str:
     return path
 
 
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the process group of a process started in its own session (group id = its pid)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM a process started with start_new_session=True, wait, then SIGKILL; its exit code."""
+    if proc.poll() is None:
+        signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's pick)."""
     with socket.socket() as s:
@@ -195,25 +217,12 @@ class Service:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process by its id, wait, then SIGKILL; returns when it is gone."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        # The service runs in its own session; its process group id is its pid.
-        self._signal(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._signal(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            os.kill(pid, sig)
+        signal_group(pid, sig)
 
     def kill(self) -> None:
         """SIGKILL by id: a crash, for fault tests (no clean shutdown, no final save)."""
