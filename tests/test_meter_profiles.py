@@ -12,7 +12,7 @@ from agent.clock import Clock
 from drivers import codec
 from drivers.modbus import MeterDriver, ModbusBus
 from drivers.profile import PROFILE_DIR, MeterProfile, load_profile
-from simulators.meter import MeterBank
+from simulators.meter import MeterBank, physical_values
 from simulators.scenario import Scenario
 from simulators.services import free_port
 
@@ -26,7 +26,9 @@ SPEED = 20.0
 COARSE_COUNTERS_KWH = {
     # Integer counters whose documented step is coarser than 1 Wh: the meter cannot do better.
     "carlogavazzi-em24": 0.1,   # INT32 kWh x10
+    "abb-b23": 0.01,            # UINT64 in 0.01 kWh
 }
+TRUTH_SAMPLES = 65        # instants between the first and the last request at which the truth is taken
 
 
 def counter_offset_kwh(prof: MeterProfile) -> float:
@@ -51,6 +53,28 @@ def resolution_kwh(prof: MeterProfile, value_kwh: float) -> float:
     raw = (value_kwh - p.offset) / p.scale
     spacing = np.spacing(np.float32(raw)) if p.type == "f32" else np.spacing(np.float64(raw))
     return float(spacing) * abs(p.scale)
+
+
+def point_step(prof: MeterProfile, q: str, value: float) -> float:
+    """One step of quantity q's register at value, in the quantity's unit: the scale for an
+    integer register (rounded or floored to it), the float32/float64 spacing for a float one."""
+    p = prof.points[q]
+    if p.type[0] in "ui":
+        return abs(p.scale)
+    raw = (value - p.offset) / p.scale
+    spacing = np.spacing(np.float32(raw)) if p.type == "f32" else np.spacing(np.float64(raw))
+    return float(spacing) * abs(p.scale)
+
+
+def truth_range(machine, t0: float, t1: float) -> dict[str, tuple[float, float]]:
+    """(lowest, highest) value of every quantity the healthy meter shows during [t0, t1].
+
+    The driver's requests are served one after another inside [t0, t1], each at its own
+    instant; power (with ripple) and the quantities derived from it may peak in between, so
+    the range is taken over a fine grid of instants, not just the ends.
+    """
+    samples = [physical_values(machine, float(t)) for t in np.linspace(t0, t1, TRUTH_SAMPLES)]
+    return {q: (min(s[q] for s in samples), max(s[q] for s in samples)) for q in samples[0]}
 
 
 def scenario_for(name: str, offset_kwh: float) -> Scenario:
@@ -118,6 +142,40 @@ async def test_simulated_meter_decodes_with_the_driver(name):
         p_step = abs(prof.points["power_w"].scale) if prof.points["power_w"].type[0] in "ui" else 0.0
         assert lo - 2 - p_step <= p <= hi + 2 + p_step, (p, lo, hi)
         assert p < prof.max_power_w
+    finally:
+        await bus.close()
+        await bank.stop()
+
+
+@pytest.mark.parametrize("name", PROFILES)
+async def test_every_point_decodes_to_the_simulated_truth(name):
+    """All points of the profile (what `energy-agent probe` reads), decoded by the driver, equal
+    what the simulated meter shows within one register step. A register whose type or scale
+    cannot carry the value (overflow, too coarse a step), a decode that disagrees with the
+    simulator's encoding or a point read from the wrong offset of a block moves a value far
+    outside. The simulator serves the same profile, so agreement with the vendor's document is
+    the profile's comments and README citations, not this test."""
+    prof = load_profile(name)
+    scn = scenario_for(name, counter_offset_kwh(prof))
+    (machine,) = scn.machines
+    clock = Clock(speed=SPEED, anchor=time.time() - POLL_AT_S / SPEED)
+    bank = MeterBank(scn, clock, port=free_port())
+    await bank.start()
+    bus = ModbusBus("127.0.0.1", bank.port, timeout_s=1.0)
+    try:
+        drv = MeterDriver(f"pm-{name}", 3, prof, bus, clock, timeout_s=1.0, quantities=tuple(prof.points))
+        t0 = bank.sim_time()
+        r = await drv.poll()
+        t1 = bank.sim_time()
+        assert r.ok, r.error
+        assert set(r.values) == set(prof.points) and not r.bad, (sorted(r.values), r.bad)
+        truth = truth_range(machine, t0, t1)
+        for q, v in r.values.items():
+            lo, hi = truth[q]
+            # One register step either side (rounding, counter flooring, float spacing) plus a
+            # relative 1e-9 for the float arithmetic of the truth itself.
+            tol = point_step(prof, q, hi) + 1e-9 * max(abs(lo), abs(hi))
+            assert lo - tol <= v <= hi + tol, f"{name}: {q} = {v!r}, the meter showed {lo!r}..{hi!r} (tolerance {tol:g})"
     finally:
         await bus.close()
         await bank.stop()
