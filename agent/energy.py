@@ -21,10 +21,18 @@ sub-segments in the state of t_i take p_i, the trailing ones in the state of t_i
 middle ones their mean (exact for piecewise-constant power sampled in each state). Negative
 power counts as 0; without two valid powers, or with zero total weight, time is the weight.
 
+Runs. Consecutive whole intervals inside the window and inside one state whose counter delta
+is plain (both readings finite, no wrap, reset, jump or gap) need no weights: such a run takes
+the counter difference e_r - e_i over the run, exactly the meter's own figure, without
+summing per-interval roundings. This is also the fast path: the check of a run reads t and e
+only and vectorises (``_counter_run``).
+
 The kernel is O(samples in the window + state changes in it): the first interval is found by
 binary search and the state timeline is walked with a pointer that only moves forward.
-``compute_job`` validates inputs and wraps the result; ``warm_up`` compiles (or loads from
-cache) the kernels so that no poll ever waits for the compiler.
+``compute_job`` validates inputs and wraps the result; ``compute_jobs`` / ``energy_batch`` do
+the same for many windows of one machine at once (a replay), with ``job_energy_batch`` and its
+``prange`` twin, bit-identical to ``job_energy`` per window; ``warm_up`` compiles (or loads
+from cache) the kernels so that no poll ever waits for the compiler.
 """
 
 from __future__ import annotations
@@ -51,9 +59,15 @@ Q_COUNTER_S = 9  # seconds of the window covered by counter deltas
 Q_POWER_S = 10  # seconds of the window covered by power integration
 NQ = 11
 
-# Never 'nnan' or 'ninf': NaN marks an invalid reading and must survive np.isfinite checks.
-FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+# No fast-math at all. Never 'nnan' or 'ninf': NaN marks an invalid reading and must survive
+# np.isfinite checks. And no 'reassoc', 'contract' or 'arcp' either: with them LLVM may round
+# the same source differently where it is inlined into another loop, and the batch kernels
+# must give results bit-identical to ``job_energy`` so that a replay can compare with the
+# ledger exactly. The fast path needs none of them (see ``_counter_run``).
+FASTMATH: set[str] = set()
 _KWH_PER_WS = 1.0 / 3.6e6
+_f64 = np.float64  # every e and p read is widened first: float32 columns compute in float64
+_BLOCK = 32  # intervals checked per step of a counter run: a fixed-length loop LLVM vectorises
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
@@ -75,6 +89,50 @@ def _gap(q, length):
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
+def _plain_counter(ta, tb, ea, eb, klim, max_gap_s):
+    """Interval whose counter delta is measured energy with nothing to count: both readings
+    finite (``ea`` is known to be), no wrap, no reset, no jump, no gap. Branch-free (``&``)."""
+    dt = tb - ta
+    d = eb - ea
+    return (abs(eb) < math.inf) & (d >= 0.0) & (d <= klim * dt) & (dt <= max_gap_s)
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _counter_run(t, e, i, n, t1, next_change, klim, max_gap_s):
+    """Last index r >= i such that every interval of [t_i, t_r] is a plain counter interval
+    (``_plain_counter``) ending at or before t1 and before the next state change.
+
+    The common case of a replay: such a run is one state, whole, and its energy is the
+    counter difference e_r - e_i. Blocks of ``_BLOCK`` intervals are checked without an early
+    exit so that the check vectorises; this loop reads t and e only (16 bytes per sample).
+    """
+    one = np.uintp(1)
+    block = np.uintp(_BLOCK)
+    r = i
+    while r + block < n and t[r + block] <= t1 and t[r + block] < next_change:
+        bad = np.uint8(0)
+        for k in range(_BLOCK):
+            x = r + np.uintp(k)
+            bad |= np.uint8(not _plain_counter(t[x], t[x + one], _f64(e[x]), _f64(e[x + one]), klim, max_gap_s))
+        if bad:
+            break
+        r += block
+    # The tail before the bound (fewer than a block, or a block with a bad interval): find the
+    # bound on t alone, check the intervals up to it in one vectorisable pass, step only if bad.
+    s = r
+    while s + one < n and s < r + block and t[s + one] <= t1 and t[s + one] < next_change:
+        s += one
+    bad = np.uint8(0)
+    for x in range(r, s):
+        bad |= np.uint8(not _plain_counter(t[x], t[x + one], _f64(e[x]), _f64(e[x + one]), klim, max_gap_s))
+    if not bad:
+        return s
+    while r < s and _plain_counter(t[r], t[r + one], _f64(e[r]), _f64(e[r + one]), klim, max_gap_s):
+        r += one
+    return r
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
 def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w):
     """Energy by state of window [t0, t1]: (kwh[N_STATES], est_kwh[N_STATES], q[NQ]).
 
@@ -84,15 +142,22 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
     kwh = np.zeros(N_STATES)
     est = np.zeros(N_STATES)
     q = np.zeros(NQ)
+    _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q)
+    return kwh, est, q
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q):
+    """``job_energy`` into zeroed rows kwh, est and q: one code path for one job and for a batch."""
     q[Q_WINDOW_S] = t1 - t0
     one = np.uintp(1)
     n = np.uintp(t.size)
     m = np.uintp(st_t.size)
     if t1 <= t0:
-        return kwh, est, q
+        return
     if n < 2 or t1 <= t[0] or t0 >= t[n - one]:
         _gap(q, t1 - t0)
-        return kwh, est, q
+        return
     complete = True  # no part of the window uncovered
     if t0 < t[0]:
         _gap(q, t[0] - t0)
@@ -101,16 +166,33 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
         _gap(q, t1 - t[n - one])
         complete = False
     kwh_per_s_limit = 1.5 * max_power_w / 3.6e6
+    klim = kwh_per_s_limit if max_power_w > 0.0 else math.inf  # the jump test as one compare
     i = np.uintp(max(np.searchsorted(t, t0, side="right") - 1, 0))
     j = np.uintp(max(np.searchsorted(st_t, t[i], side="right") - 1, 0))
     while i + one < n and t[i] < t1:
         a = t[i]
+        while j + one < m and st_t[j + one] <= a:
+            j += one
+
+        # Fast path: a run of whole plain counter intervals in one state takes the counter
+        # difference over the run (exact: no per-interval rounding, no weights needed).
+        if a >= t0 and abs(e[i]) < math.inf:
+            next_change = st_t[j + one] if j + one < m else math.inf
+            r = _counter_run(t, e, i, n, t1, next_change, klim, max_gap_s)
+            if r > i:
+                run_kwh = _f64(e[r]) - _f64(e[i])
+                run_s = t[r] - a
+                kwh[st_s[j]] += run_kwh
+                q[Q_COUNTER_KWH] += run_kwh
+                q[Q_COUNTER_S] += run_s
+                q[Q_COVERED_S] += run_s
+                i = r
+                continue
+
         b = t[i + one]
         dt = b - a
         lo = max(a, t0)
         hi = min(b, t1)
-        while j + one < m and st_t[j + one] <= a:
-            j += one
 
         # States: s_a at t_i, s_b at t_i+1; lead_end ends the leading run of s_a, trail_start
         # begins the trailing run of s_b (b when there is none).
@@ -133,8 +215,8 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
             k += one
         step = not (lead_end == b and s_a == s_b)
 
-        pa = p[i]
-        pb = p[i + one]
+        pa = _f64(p[i])
+        pb = _f64(p[i + one])
         powered = np.isfinite(pa) and np.isfinite(pb)
         if powered:
             pa = max(pa, 0.0)
@@ -143,7 +225,7 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
         # Classify the interval: counter delta, power integration, or nothing.
         counter = False
         if np.isfinite(e[i]) and np.isfinite(e[i + one]):
-            delta = e[i + one] - e[i]
+            delta = _f64(e[i + one]) - _f64(e[i])
             limit = kwh_per_s_limit * dt
             if delta < 0.0:
                 delta += rollover_kwh
@@ -202,7 +284,33 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
         i += one
     if complete:  # exactly the window, not a sum of parts that may round below it
         q[Q_COVERED_S] = t1 - t0
-    return kwh, est, q
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def _jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, first, stop):
+    for k in range(first, stop):
+        _window(t, e, p, st_t, st_s, t0[k], t1[k], max_gap_s, rollover_kwh, max_power_w, kwh[k], est[k], q[k])
+
+
+@numba.njit(cache=True, fastmath=FASTMATH)
+def job_energy_batch(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q):
+    """``job_energy`` of the windows [t0[k], t1[k]] of one machine, one thread, into zeroed
+    kwh[jobs, N_STATES], est[jobs, N_STATES] and q[jobs, NQ]. Row k is bit-identical to
+    ``job_energy`` of that window: the same code, with no fast-math that could round it
+    differently. e and p may be float32 (a meter that delivers float32: exact in float64).
+    """
+    _jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, 0, t0.size)
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+def job_energy_batch_parallel(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q,
+                              chunks):
+    """``job_energy_batch`` with the jobs split into the ranges chunks[c]:chunks[c + 1], one
+    per thread (``batch_chunks`` balances them by samples); each job is computed by one thread
+    with the same code, so the rows are bit-identical to the one-thread kernel's."""
+    for c in numba.prange(chunks.size - 1):
+        _jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q,
+              chunks[c], chunks[c + 1])
 
 
 @dataclass(frozen=True)
@@ -242,7 +350,66 @@ def _number(name: str, x, minimum: float | None = None) -> float:
 
 def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0) -> JobEnergy:
     """Validate and normalise the inputs, run ``job_energy`` and summarise its result."""
-    t, e, p = _column("t", t, np.float64), _column("e", e, np.float64), _column("p", p, np.float64)
+    t, e, p = _samples(t, e, p, np.float64, np.float64)
+    st_t, st_s = _timeline(st_t, st_s)
+    t0, t1 = _number("t0", t0), _number("t1", t1)
+    if t1 < t0:
+        raise ValueError(f"job window ends before it starts: t0={t0!r} > t1={t1!r}")
+    limits = _limits(max_gap_s, rollover_kwh, max_power_w)
+    return _summary(*job_energy(t, e, p, st_t, st_s, t0, t1, *limits))
+
+
+def compute_jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0, *,
+                 parallel=False) -> list[JobEnergy]:
+    """``compute_job`` for many windows [t0[k], t1[k]] over one machine's samples (a replay).
+
+    Element k equals ``compute_job`` of window k exactly, also with e or p passed as float32
+    (kept as float32 here, fewer bytes to read; the agent's float64 holds the same values when
+    the meter delivers float32). ``parallel`` runs ``job_energy_batch_parallel`` on numba's
+    threads; the result is the same.
+    """
+    kwh, est, q = energy_batch(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w,
+                               parallel=parallel)
+    return [_summary(kwh[k], est[k], q[k]) for k in range(len(q))]
+
+
+def energy_batch(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0, *,
+                 parallel=False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate, run the batch kernel; (kwh[jobs, N_STATES], est[jobs, N_STATES], q[jobs, NQ])."""
+    t, e, p = _samples(t, e, p, _lean(e), _lean(p))
+    st_t, st_s = _timeline(st_t, st_s)
+    t0, t1 = _column("t0", t0, np.float64), _column("t1", t1, np.float64)
+    if len(t0) != len(t1):
+        raise ValueError(f"t0 and t1 (job windows) must have the same length, got {len(t0)}, {len(t1)}")
+    if not (np.all(np.isfinite(t0)) and np.all(np.isfinite(t1))):
+        raise ValueError("t0 and t1 (job windows) must be finite")
+    if np.any(t1 < t0):
+        k = int(np.argmax(t1 < t0))
+        raise ValueError(f"job window {k} ends before it starts: t0={t0[k]!r} > t1={t1[k]!r}")
+    limits = _limits(max_gap_s, rollover_kwh, max_power_w)
+    kwh, est, q = np.zeros((len(t0), N_STATES)), np.zeros((len(t0), N_STATES)), np.zeros((len(t0), NQ))
+    if parallel:
+        chunks = batch_chunks(t, t0, t1, numba.get_num_threads())
+        job_energy_batch_parallel(t, e, p, st_t, st_s, t0, t1, *limits, kwh, est, q, chunks)
+    else:
+        job_energy_batch(t, e, p, st_t, st_s, t0, t1, *limits, kwh, est, q)
+    return kwh, est, q
+
+
+def batch_chunks(t: np.ndarray, t0: np.ndarray, t1: np.ndarray, parts: int) -> np.ndarray:
+    """Boundaries splitting the jobs into ``parts`` contiguous ranges of about equal samples."""
+    work = np.searchsorted(t, t1, "right") - np.searchsorted(t, t0, "left") + 1  # + 1: a search
+    edges = np.searchsorted(np.cumsum(work), np.linspace(0, work.sum(), parts + 1)[1:-1], "left")
+    return np.concatenate(([0], edges, [len(t0)])).astype(np.int64)
+
+
+def _lean(x) -> type:
+    """float32 stays float32 (converts to float64 exactly in the kernel); anything else float64."""
+    return np.float32 if getattr(x, "dtype", None) == np.float32 else np.float64
+
+
+def _samples(t, e, p, e_dtype, p_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t, e, p = _column("t", t, np.float64), _column("e", e, e_dtype), _column("p", p, p_dtype)
     if not len(t) == len(e) == len(p):
         raise ValueError(f"t, e and p must have the same length, got {len(t)}, {len(e)}, {len(p)}")
     if not np.all(np.isfinite(t)):
@@ -250,6 +417,10 @@ def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_po
     if len(t) > 1 and not np.all(np.diff(t) > 0):
         k = int(np.argmin(np.diff(t) > 0))
         raise ValueError(f"t (sample times) must be strictly increasing: t[{k}]={t[k]!r}, t[{k + 1}]={t[k + 1]!r}")
+    return t, e, p
+
+
+def _timeline(st_t, st_s) -> tuple[np.ndarray, np.ndarray]:
     st_t = _column("st_t", st_t, np.float64)
     codes = np.asarray(st_s)
     if len(st_t) == 0 or len(st_t) != len(codes):
@@ -258,15 +429,15 @@ def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_po
         raise ValueError("st_t (state change times) must be finite and sorted")
     if codes.dtype.kind not in "ui" or codes.min() < 0 or codes.max() >= N_STATES:
         raise ValueError(f"st_s must hold integer state codes in [0, {N_STATES})")
-    st_s = _column("st_s", codes, np.uint8)
-    t0, t1 = _number("t0", t0), _number("t1", t1)
-    if t1 < t0:
-        raise ValueError(f"job window ends before it starts: t0={t0!r} > t1={t1!r}")
-    max_gap_s = _number("max_gap_s", max_gap_s, 0.0)
-    rollover_kwh = _number("rollover_kwh", rollover_kwh, 0.0)
-    max_power_w = _number("max_power_w", max_power_w, 0.0)
+    return st_t, _column("st_s", codes, np.uint8)
 
-    kwh, est, q = job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w)
+
+def _limits(max_gap_s, rollover_kwh, max_power_w) -> tuple[float, float, float]:
+    return (_number("max_gap_s", max_gap_s, 0.0), _number("rollover_kwh", rollover_kwh, 0.0),
+            _number("max_power_w", max_power_w, 0.0))
+
+
+def _summary(kwh: np.ndarray, est: np.ndarray, q: np.ndarray) -> JobEnergy:
     window, covered = q[Q_WINDOW_S], q[Q_COVERED_S]
     # By the source of the energy; when all covered parts had zero energy, by covered time.
     by_counter, by_power = q[Q_COUNTER_KWH], q[Q_POWER_KWH]
@@ -293,7 +464,13 @@ def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_po
 
 
 def warm_up() -> None:
-    """Compile (or load from cache) every kernel for the types ``compute_job`` passes."""
+    """Compile (or load from cache) every kernel for the types ``compute_job`` and
+    ``compute_jobs`` pass: float64 samples, and float32 e and p (all four combinations)."""
     t = np.array([0.0, 1.0, 2.0])
-    st_s = np.zeros(1, np.uint8)
-    job_energy(t, t.copy(), t.copy(), t[:1].copy(), st_s, 0.5, 1.5, 5.0, 0.0, 0.0)
+    st_t, st_s = t[:1].copy(), np.zeros(1, np.uint8)
+    job_energy(t, t.copy(), t.copy(), st_t, st_s, 0.5, 1.5, 5.0, 0.0, 0.0)
+    t0, t1 = np.array([0.5]), np.array([1.5])
+    for e in (t.copy(), t.astype(np.float32)):
+        for p in (t.copy(), t.astype(np.float32)):
+            for parallel in (False, True):
+                energy_batch(t, e, p, st_t, st_s, t0, t1, 5.0, parallel=parallel)

@@ -1,43 +1,122 @@
-"""Job-energy kernel throughput, measured against two references in the same run.
+"""Batch job-energy kernel throughput, against references measured in the same run.
 
-1. A streaming reference: a numba loop that reads exactly the bytes the kernel reads
-   (t, e, p: 3 x float64 = 24 bytes per sample) and does nothing else. Its rate is the
-   memory-bandwidth limit for this layout on this machine, one thread.
-2. A NumPy reference: per-interval counter deltas summed by the state at the start of each
-   interval (np.diff + np.searchsorted + np.bincount). It computes *less* than the kernel (no
-   split of an interval at a state change or at the window edges, no gap/reset/rollover
-   checks), so it is a lower bound on what plain NumPy needs.
+Data: BENCH_SAMPLES (default 1e8) samples of one machine at ~1 Hz with jitter, jobs of about
+an hour back to back over all of them, a state change every ~10 minutes, and rare faults (NaN
+readings, a counter reset, jumps, gaps) so that the slow paths run too. Job boundaries and
+state changes lie on sample times, so that no interval is split: then plain NumPy can do the
+same computation (see ``numpy_batch``) and its result is checked against the kernel's.
 
-Prints samples/s and the ratios; nothing here is asserted. Size: BENCH_SAMPLES (default 1e8).
-Run: make bench   (or: .venv/bin/python benchmarks/bench_kernel.py)
+Layout: t float64, e float64 (counter kWh), p float32 (W, as most meters deliver it), states
+as a timeline (float64 time + uint8 code per change, ~0 bytes per sample). In a run of plain
+counter intervals the kernel reads t and e only: 16 bytes per sample; p is read where an
+interval is split or falls back to power.
+
+1. Streaming references: numba loops summing exactly t and e (the bytes the kernel must read),
+   one thread and ``prange`` on two: the memory-bandwidth limit for this layout.
+2. The kernel: ``job_energy_batch`` (one thread) and ``job_energy_batch_parallel`` (two).
+3. NumPy: per-interval classification (counter, rollover, reset, jump, power fallback, gap),
+   then per job and state with ``bincount`` and per job with ``reduceat``, in chunks of jobs.
+
+Prints rates, ratios and the command; nothing here is asserted except that NumPy and the
+kernel agree. Run: make bench   (or: .venv/bin/python benchmarks/bench_kernel.py)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numba
 import numpy as np
 
-from agent import energy, states
+from agent import energy
+from agent.energy import (NQ, Q_COUNTER_KWH, Q_COUNTER_S, Q_GAPS, Q_JUMPS, Q_POWER_KWH, Q_RESETS,
+                          Q_ROLLOVERS)
+from agent.states import N_STATES
 
 N = int(float(os.environ.get("BENCH_SAMPLES", "1e8")))
-REPEAT = 3
+REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
+MAX_GAP_S, ROLLOVER_KWH, MAX_POWER_W = 5.0, 0.0, 20000.0
+CHUNK = 4_000_000  # samples per NumPy chunk: temporaries of ~10 arrays stay ~0.3 GB
 
 
-@numba.njit(cache=True)
-def stream(t, e, p):
+@numba.njit(cache=True, fastmath=True)
+def stream(t, e):
     acc = 0.0
     for i in range(t.size):
-        acc += t[i] + e[i] + p[i]
+        acc += t[i] + e[i]
     return acc
 
 
-def numpy_reference(t, e, st_t, st_s):
-    de = np.diff(e)
-    k = np.searchsorted(st_t, t[:-1], side="right") - 1
-    return np.bincount(st_s[np.maximum(k, 0)], weights=de, minlength=states.N_STATES)
+@numba.njit(cache=True, fastmath=True, parallel=True)
+def stream_parallel(t, e):
+    acc = 0.0
+    for i in numba.prange(t.size):
+        acc += t[i] + e[i]
+    return acc
+
+
+def make_data(rng):
+    t = np.arange(N, dtype=np.float64) + rng.uniform(-0.2, 0.2, N)
+    level = np.array([0, 300, 1200, 9000, 1800, 2600], np.float32)
+    st_i = np.unique(np.concatenate(([0], rng.integers(1, N - 1, N // 600))))  # changes on samples
+    st_s = rng.integers(2, 6, st_i.size).astype(np.uint8)
+    state = np.repeat(st_s, np.diff(np.append(st_i, N)))
+    p = (level[state] * (1 + 0.02 * rng.standard_normal(N, np.float32))).astype(np.float32)
+    e = 1000.0 + np.concatenate(([0.0], np.cumsum(0.5 * (p[1:] + p[:-1].astype(np.float64)) * np.diff(t)))) / 3.6e6
+    del state
+    for k in rng.integers(1, N - 1, 100):
+        e[k] = np.nan  # bad counter readings: power fallback on both sides
+    for k in rng.integers(1, N - 1, 20):
+        e[k:] += 50.0  # implausible jumps
+    for k in rng.integers(1, N - 1, 20):
+        t[k:] += 30.0  # gaps (the counter still covers them)
+    e[N // 2:] -= e[N // 2] - 1.0  # a counter reset
+    job_i = np.unique(np.concatenate(([0], rng.integers(1, N - 1, N // 3600), [N - 1])))  # on samples
+    return t, e, p, t[st_i], st_s, t[job_i[:-1]], t[job_i[1:]]
+
+
+def numpy_batch(t, e, p, st_t, st_s, t0, t1):
+    """The kernel's method in NumPy for windows and state changes on sample times (no interval
+    is split): per-interval energy from the counter or the power fallback, then per job and
+    state. Returns (kwh[jobs, N_STATES], q[jobs, NQ]) with the counts and energy columns."""
+    klim = 1.5 * MAX_POWER_W / 3.6e6 if MAX_POWER_W > 0 else np.inf
+    first = np.searchsorted(t, t0)  # windows start and end on samples
+    last = np.searchsorted(t, t1)
+    kwh, q = np.zeros((len(t0), N_STATES)), np.zeros((len(t0), NQ))
+    k = 0
+    while k < len(t0):
+        stop = int(np.searchsorted(first, first[k] + CHUNK, "right"))
+        stop = max(stop, k + 1)
+        lo, hi = first[k], last[stop - 1]
+        tt, ee = t[lo:hi + 1], e[lo:hi + 1]
+        pp = np.maximum(p[lo:hi + 1].astype(np.float64), 0.0)
+        dt = np.diff(tt)
+        d = np.diff(ee)
+        finite_e = np.isfinite(ee[1:]) & np.isfinite(ee[:-1])
+        wrapped = d + ROLLOVER_KWH
+        wrap_ok = (wrapped <= klim * dt) if MAX_POWER_W > 0 else (wrapped <= 0.01 * ROLLOVER_KWH)
+        rollover = finite_e & (d < 0) & (ROLLOVER_KWH > 0) & (wrapped >= 0) & wrap_ok
+        reset = finite_e & (d < 0) & ~rollover
+        jump = finite_e & (d >= 0) & (d > klim * dt)
+        counter = finite_e & ~reset & ~jump
+        powered = np.isfinite(pp[1:]) & np.isfinite(pp[:-1]) & (dt <= MAX_GAP_S) & ~counter
+        gap = (counter & (dt > MAX_GAP_S)) | (~counter & ~powered)
+        en = np.where(counter, np.where(rollover, wrapped, d), 0.0)
+        state = st_s[np.maximum(np.searchsorted(st_t, tt[:-1], "right") - 1, 0)]
+        # A change of state at t_i+1 makes the step model: the interval takes p_i throughout.
+        step = st_s[np.maximum(np.searchsorted(st_t, tt[1:], "right") - 1, 0)] != state
+        en = np.where(powered, dt * np.where(step, pp[:-1], 0.5 * (pp[1:] + pp[:-1])) / 3.6e6, en)
+        starts = first[k:stop] - lo
+        job = np.repeat(np.arange(stop - k), last[k:stop] - first[k:stop])
+        kwh[k:stop] = np.bincount(job * N_STATES + state, en, (stop - k) * N_STATES).reshape(-1, N_STATES)
+        for col, x in ((Q_COUNTER_KWH, np.where(counter, en, 0.0)), (Q_POWER_KWH, np.where(powered, en, 0.0)),
+                       (Q_COUNTER_S, np.where(counter, dt, 0.0)), (Q_GAPS, gap), (Q_RESETS, reset),
+                       (Q_ROLLOVERS, rollover), (Q_JUMPS, jump)):
+            q[k:stop, col] = np.add.reduceat(x.astype(np.float64), starts)
+        k = stop
+    return kwh, q
 
 
 def best(fn, *args) -> float:
@@ -51,34 +130,61 @@ def best(fn, *args) -> float:
 
 def main() -> None:
     rng = np.random.default_rng(7)
-    t = np.arange(N, dtype=np.float64)  # 1 Hz samples
-    seg = 600  # a state change every 10 minutes
-    st_t = np.arange(0, N, seg, dtype=np.float64)
-    st_s = (np.arange(st_t.size) % 4 + 2).astype(np.uint8)  # ready, processing, interrupted, setup
-    level = np.array([0, 300, 1200, 9000, 1800, 2600], dtype=np.float64)
-    p = level[np.repeat(st_s, seg)[:N]] * (1 + 0.02 * rng.standard_normal(N))
-    e = 1000.0 + np.concatenate(([0.0], np.cumsum((p[1:] + p[:-1]) / 2))) / 3.6e6
-    args = (t, e, p, st_t, st_s, t[0], t[-1], 5.0, 0.0, 0.0)
+    t, e, p, st_t, st_s, t0, t1 = make_data(rng)
+    jobs = len(t0)
+    limits = (MAX_GAP_S, ROLLOVER_KWH, MAX_POWER_W)
+    out = [np.zeros((jobs, N_STATES)), np.zeros((jobs, N_STATES)), np.zeros((jobs, NQ))]
 
-    energy.job_energy(*args)  # compile or load from cache
-    stream(t, e, p)
-    ours = best(energy.job_energy, *args)
-    ref = best(stream, t, e, p)
-    npy = best(numpy_reference, t, e, st_t, st_s)
+    def kernel():
+        for a in out:
+            a[:] = 0.0
+        energy.job_energy_batch(t, e, p, st_t, st_s, t0, t1, *limits, *out)
 
-    kwh, _, _ = energy.job_energy(*args)
-    check = numpy_reference(t, e, st_t, st_s)
-    # State changes fall on samples here, so both attribute each interval to the same state.
-    assert np.allclose(kwh, check, rtol=1e-9, atol=1e-9), (kwh, check)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    chunks = energy.batch_chunks(t, t0, t1, numba.get_num_threads())
 
-    bytes_per_sample = 3 * 8
-    print(f"samples: {N:,} ({bytes_per_sample} bytes each: t, e, p as float64); best of {REPEAT}; "
-          f"numba {numba.__version__}, numpy {np.__version__}")
-    print(f"kernel (job_energy, 1 thread):  {N / ours / 1e6:8.1f} M samples/s  ({N * bytes_per_sample / ours / 1e9:.2f} GB/s)")
-    print(f"streaming reference (1 thread): {N / ref / 1e6:8.1f} M samples/s  ({N * bytes_per_sample / ref / 1e9:.2f} GB/s)")
-    print(f"NumPy reference (less work):    {N / npy / 1e6:8.1f} M samples/s")
-    print(f"kernel / bandwidth limit = {ref / ours:.2f}")
-    print(f"kernel / NumPy           = {npy / ours:.2f}x faster")
+    def kernel_parallel():
+        for a in out:
+            a[:] = 0.0
+        energy.job_energy_batch_parallel(t, e, p, st_t, st_s, t0, t1, *limits, *out, chunks)
+
+    energy.warm_up()
+    stream(t, e), stream_parallel(t, e)
+    kernel_parallel()
+    par = [a.copy() for a in out]
+    kernel()
+    np_kwh, np_q = numpy_batch(t, e, p, st_t, st_s, t0, t1)
+    assert all(np.array_equal(a, b) for a, b in zip(out, par)), "parallel differs from one thread"
+    # Runs take counter differences where NumPy adds per-interval deltas of ~1e3..1e5 kWh readings.
+    assert np.allclose(out[0], np_kwh, rtol=1e-9, atol=1e-9), "NumPy and the kernel disagree"
+    counts = [Q_GAPS, Q_RESETS, Q_ROLLOVERS, Q_JUMPS]
+    assert np.array_equal(out[2][:, counts], np_q[:, counts]), "NumPy and the kernel count differently"
+
+    # Interleaved, best of REPEAT each: the machine may be shared, so every rate sees the same load.
+    names = ["stream1", "stream2", "kernel1", "kernel2", "numpy"]
+    fns = [lambda: stream(t, e), lambda: stream_parallel(t, e), kernel, kernel_parallel,
+           lambda: numpy_batch(t, e, p, st_t, st_s, t0, t1)]
+    times = {n: float("inf") for n in names}
+    for _ in range(REPEAT):
+        for n, fn in zip(names, fns):
+            s = time.perf_counter()
+            fn()
+            times[n] = min(times[n], time.perf_counter() - s)
+    rate = {n: N / times[n] for n in names}
+
+    b = 16  # t and e as float64
+    print(f"samples: {N:,} in {jobs:,} jobs, {len(st_t):,} state changes; layout t f64, e f64, p f32, "
+          f"timeline; kernel reads {b} bytes per sample in counter runs; best of {REPEAT}, interleaved; "
+          f"numba {numba.__version__}, numpy {np.__version__}, {numba.get_num_threads()} threads")
+    print(f"streaming t+e, 1 thread:          {rate['stream1'] / 1e6:8.1f} M samples/s  ({rate['stream1'] * b / 1e9:5.2f} GB/s)")
+    print(f"streaming t+e, prange 2 threads:  {rate['stream2'] / 1e6:8.1f} M samples/s  ({rate['stream2'] * b / 1e9:5.2f} GB/s)")
+    print(f"job_energy_batch, 1 thread:       {rate['kernel1'] / 1e6:8.1f} M samples/s  ({rate['kernel1'] * b / 1e9:5.2f} GB/s)"
+          f"  = {rate['kernel1'] / rate['stream1']:.2f} of the 1-thread limit")
+    print(f"job_energy_batch_parallel, 2 thr: {rate['kernel2'] / 1e6:8.1f} M samples/s  ({rate['kernel2'] * b / 1e9:5.2f} GB/s)"
+          f"  = {rate['kernel2'] / rate['stream2']:.2f} of the 2-thread limit")
+    print(f"NumPy (chunked bincount+reduceat):{rate['numpy'] / 1e6:8.1f} M samples/s"
+          f"  kernel = {rate['kernel1'] / rate['numpy']:.1f}x (1 thread), {rate['kernel2'] / rate['numpy']:.1f}x (2)")
+    print(f"command: BENCH_SAMPLES={N:.0e} BENCH_REPEAT={REPEAT} {os.path.basename(sys.executable)} benchmarks/bench_kernel.py")
 
 
 if __name__ == "__main__":
