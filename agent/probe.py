@@ -107,14 +107,16 @@ async def probe_meter(loaded: Loaded, device_id: str) -> ProbeResult:
 async def probe_cnc(loaded: Loaded, device_id: str) -> ProbeResult:
     from asyncua import Client, ua
 
-    from drivers.opcua import resolve_node_id
+    from drivers.opcua import configure_security, resolve_node_id
 
     dev = loaded.config.cnc(device_id)
     nodemap = loaded.nodemaps[device_id]
     res = ProbeResult(device_id)
     values = {}
+    client = Client(dev.endpoint, timeout=dev.timeout_s)
     try:
-        async with Client(dev.endpoint, timeout=dev.timeout_s) as client:
+        await configure_security(client, device_id, dev.endpoint, loaded.security[device_id])
+        async with client:
             for q, text in loaded.node_ids[device_id].items():
                 row = {"point": q, "value": "", "status": "", "source time": "", "node": text}
                 try:
@@ -136,6 +138,9 @@ async def probe_cnc(loaded: Loaded, device_id: str) -> ProbeResult:
                 res.rows.append(row)
     except (OSError, TimeoutError, ua.UaError) as exc:
         res.error = f"{dev.endpoint}: {type(exc).__name__}: {exc}"
+        return res
+    except DeviceError as exc:  # untrusted server, missing certificate or password
+        res.error = str(exc)
         return res
     state = nodemap.state_of(values)
     key = next((str(values[k]) for k in nodemap.job.key if values.get(k)), None)

@@ -4,33 +4,61 @@
 or the restart-stable ``nsu=<namespace URI>;…`` form), reads every value once and then
 follows changes through a subscription (data-change notifications with a queue, so no
 intermediate change is lost between two publishes) or, where a server cannot subscribe, by
-polling. Every change becomes a :class:`Reading` holding the full snapshot of all points,
+polling. Node map points given as browse paths are translated to node ids at every connect
+(TranslateBrowsePathsToNodeIds), so a server that rebuilt its address space is followed.
+Every change becomes a :class:`Reading` holding the full snapshot of all points,
 stamped with the server's SourceTimestamp of the change, clamped between the previous
 reading and the moment it arrived; changes of one instant are merged into one snapshot (a CNC clock that is off cannot move a job boundary
-outside the window in which it was observed). On a lost connection it reconnects with capped
-backoff and logs once per outage. asyncua types and exceptions stay in this module.
+outside the window in which it was observed). A value with a Bad (or Uncertain) StatusCode is
+never a value: the point is absent from the snapshot and named in ``bad``.
+
+Security (OPC 10000-4, 5.4 and 7.36): policy Basic256Sha256 with mode Sign or SignAndEncrypt,
+a client certificate and key, an optional user name and password. The server's certificate is
+taken from its endpoint description and checked against the configured trust (a pinned
+certificate or a folder of trusted certificates or CAs) *before* a secure channel is opened or a
+password sent; an untrusted server is refused with its thumbprint in the error.
+
+A subscription that delivers neither data changes nor keep-alives for ``watchdog_intervals``
+publishing intervals (the server sends a keep-alive after ``KEEPALIVE_COUNT`` empty intervals)
+counts as a lost connection. On a lost connection the driver reconnects with capped backoff
+and logs once per outage. asyncua types and exceptions stay in this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
+from asyncua.crypto import security_policies, uacrypto
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
+from agent.certs import certificate_uri, load_certificate, thumbprint
 from agent.clock import Clock, sleep_or_stop
-from agent.errors import DeviceError
-from drivers.profile import NodeMap
+from agent.errors import AgentError, DeviceError
+from drivers.profile import BrowsePath, NodeMap, NodeRef
 from drivers.reading import Reading
+
+if TYPE_CHECKING:
+    from agent.config import CncSecurity
 
 log = logging.getLogger(__name__)
 
 BATCH_WINDOW_S = 0.005
 """Notifications arriving within this many real seconds are applied as one batch."""
+KEEPALIVE_COUNT = 3
+"""Publishing intervals without news after which the server sends a keep-alive."""
+MIN_WATCHDOG_S = 2.0
+"""Floor of the keep-alive watchdog in real seconds (accelerated plants have tiny intervals)."""
+POLICIES = {"Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256}
+MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
 
 
 def _plain(value: Any) -> Any:
@@ -42,8 +70,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-async def resolve_node_id(client: Client, text: str) -> ua.NodeId:
-    """Parse 'ns=…;…' or 'nsu=URI;…' (the URI looked up on this server) into a NodeId."""
+async def resolve_node_id(client: Client, text: NodeRef) -> ua.NodeId:
+    """Parse 'ns=…;…' or 'nsu=URI;…' (the URI looked up on this server) into a NodeId; a
+    browse path is translated by the server."""
+    if isinstance(text, BrowsePath):
+        (result,) = await translate_paths(client, [text])
+        if isinstance(result, str):
+            raise DeviceError(f"browse path {text} does not resolve: {result}")
+        return result
     if text.startswith("nsu="):
         uri, _, rest = text[4:].partition(";")
         if not rest:
@@ -59,13 +93,151 @@ async def resolve_node_id(client: Client, text: str) -> ua.NodeId:
         raise DeviceError(f"node id {text!r}: {exc}") from None
 
 
+async def _browse_request(client: Client, path: BrowsePath, namespaces: list[str]) -> ua.BrowsePath | str:
+    """One TranslateBrowsePaths request element, or why the path cannot even be asked for."""
+    elements = []
+    for ns, name in path.elements:
+        if isinstance(ns, str):
+            if ns not in namespaces:
+                return f"namespace {ns!r} is not on the server"
+            ns = namespaces.index(ns)
+        rel = ua.RelativePathElement()
+        rel.ReferenceTypeId = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
+        rel.IsInverse, rel.IncludeSubtypes = False, True
+        rel.TargetName = ua.QualifiedName(name, ns)
+        elements.append(rel)
+    bp = ua.BrowsePath()
+    try:
+        bp.StartingNode = await resolve_node_id(client, path.start)
+    except DeviceError as exc:
+        return f"start node: {exc}"
+    bp.RelativePath = ua.RelativePath()
+    bp.RelativePath.Elements = elements
+    return bp
+
+
+async def translate_paths(client: Client, paths: list[BrowsePath]) -> list[ua.NodeId | str]:
+    """Translate browse paths in one request; per path its NodeId or why it did not resolve."""
+    namespaces = await client.get_namespace_array() if any(
+        isinstance(ns, str) for p in paths for ns, _ in p.elements) else []
+    out: list[ua.NodeId | str] = [await _browse_request(client, p, namespaces) for p in paths]
+    asked = [i for i, r in enumerate(out) if isinstance(r, ua.BrowsePath)]
+    if asked:
+        results = await client.uaclient.translate_browsepaths_to_nodeids([out[i] for i in asked])
+        for i, res in zip(asked, results):
+            if res.StatusCode.is_good() and res.Targets:
+                target = res.Targets[0].TargetId  # an ExpandedNodeId of a local node
+                out[i] = ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)
+            else:
+                out[i] = res.StatusCode.name
+    return out
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return f"subject {cert.subject.rfc4514_string()}, SHA-1 thumbprint {thumbprint(cert)}"
+
+
+def check_server_trust(device_id: str, endpoint: str, cert: x509.Certificate, sec: "CncSecurity") -> None:
+    """Raise DeviceError unless ``cert`` is the pinned server certificate, a certificate in the
+    trust folder, or issued by a CA certificate in it; and valid now."""
+    now = datetime.now(timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise DeviceError(f"{device_id}: server certificate of {endpoint} is not valid now (valid "
+                          f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}; {_describe(cert)})")
+    trusted: list[x509.Certificate] = []
+    try:
+        if sec.server_certificate is not None:
+            trusted.append(load_certificate(sec.server_certificate))
+        if sec.trust_dir is not None:
+            for f in sorted(sec.trust_dir.iterdir()):
+                if f.suffix.lower() in (".der", ".pem", ".crt", ".cer"):
+                    trusted.append(load_certificate(f))
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{device_id}: security: cannot read the trusted certificates: {exc}") from None
+    der = _der(cert)
+    for t in trusted:
+        if _der(t) == der:
+            return
+        try:
+            if t.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                cert.verify_directly_issued_by(t)
+                return
+        except (x509.ExtensionNotFound, InvalidSignature, ValueError, TypeError):  # not its issuer
+            continue
+    where = "security.server_certificate" if sec.trust_dir is None else "security.trust_dir"
+    raise DeviceError(f"{device_id}: server certificate of {endpoint} is not trusted ({_describe(cert)}); "
+                      f"if this is the right server, add its certificate to {where}")
+
+
+def _own_uri(device_id: str, sec: "CncSecurity") -> str:
+    """The application URI of the configured client certificate (announced as ours)."""
+    assert sec.certificate is not None and sec.private_key is not None
+    for field in ("certificate", "private_key"):
+        path = getattr(sec, field)
+        if not path.is_file():
+            raise DeviceError(f"{device_id}: security.{field}: {path} does not exist (energy-agent certs makes one)")
+    try:
+        uri = certificate_uri(load_certificate(sec.certificate))
+    except ValueError as exc:
+        raise DeviceError(f"{device_id}: security.certificate: {sec.certificate} is not a certificate: {exc}") from None
+    if not uri:
+        raise DeviceError(f"{device_id}: security.certificate: {sec.certificate} has no application URI "
+                          "in its subjectAltName")
+    return uri
+
+
+async def _endpoint_certificate(client: Client, device_id: str, endpoint: str, sec: "CncSecurity") -> x509.Certificate:
+    """The server certificate of the endpoint with our policy and mode (GetEndpoints over an
+    unsecured discovery channel, as OPC 10000-4 5.4.4 intends)."""
+    mode, policy = MODES[sec.mode], POLICIES[sec.policy]
+    endpoints = await client.connect_and_get_server_endpoints()
+    match = [e for e in endpoints if e.SecurityMode == mode and e.SecurityPolicyUri == policy.URI]
+    if not match:
+        offered = sorted({f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}" for e in endpoints})
+        raise DeviceError(f"{device_id}: {endpoint} offers no {sec.policy}/{sec.mode} endpoint "
+                          f"(offers: {', '.join(offered)})")
+    if not match[0].ServerCertificate:
+        raise DeviceError(f"{device_id}: {endpoint} sent no server certificate for {sec.policy}/{sec.mode}")
+    return uacrypto.x509_from_der(match[0].ServerCertificate)  # the first of a chain is the server's
+
+
+async def configure_security(client: Client, device_id: str, endpoint: str, sec: "CncSecurity | None") -> None:
+    """User identity and secure channel of ``client`` per ``sec``; DeviceError names the device and,
+    for files, the field. Call before ``connect``: the server certificate is checked before a
+    secure channel is opened or the password sent."""
+    if sec is None:
+        return
+    if sec.username:
+        try:
+            password = sec.password(f"{device_id}: security")
+        except AgentError as exc:
+            raise DeviceError(str(exc)) from None
+        client.set_user(sec.username)
+        client.set_password(password or "")
+    if sec.mode == "None":
+        return
+    client.application_uri = _own_uri(device_id, sec)
+    server_cert = await _endpoint_certificate(client, device_id, endpoint, sec)
+    check_server_trust(device_id, endpoint, server_cert, sec)
+    try:
+        await client.set_security(POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
+                                  server_certificate=_der(server_cert), mode=MODES[sec.mode])
+    except (OSError, ValueError, TypeError) as exc:
+        raise DeviceError(f"{device_id}: security.private_key: cannot use {sec.private_key}: {exc}") from None
+
+
 class CncDriver:
     """Follows one CNC's node map and hands snapshots to ``emit``."""
 
-    def __init__(self, device_id: str, endpoint: str, nodemap: NodeMap, node_ids: dict[str, str], clock: Clock,
+    def __init__(self, device_id: str, endpoint: str, nodemap: NodeMap, node_ids: dict[str, NodeRef], clock: Clock,
                  emit: Callable[[Reading], None], *, mode: str = "subscribe", interval_s: float = 0.5,
                  timeout_s: float = 4.0, timestamps: str = "source",
-                 backoff_min_s: float = 1.0, backoff_max_s: float = 60.0):
+                 backoff_min_s: float = 1.0, backoff_max_s: float = 60.0,
+                 security: "CncSecurity | None" = None, watchdog_intervals: float = 10.0):
         self.device_id = device_id
         self.endpoint = endpoint
         self.nodemap = nodemap
@@ -77,6 +249,13 @@ class CncDriver:
         self.timeout_s = timeout_s
         self.use_source = timestamps == "source"
         self.backoff = (backoff_min_s, backoff_max_s)
+        self.security = security
+        self.watchdog_intervals = watchdog_intervals
+        self.watchdog_trips = 0
+        self.resolved: dict[str, str] = {}
+        self.subscribed = False
+        """True while a subscription with its monitored items is established."""
+        """Node id of every point found at the last connect (browse paths translated)."""
         self.values: dict[str, Any] = {}
         self.last_t = float("-inf")
         self.available = False
@@ -154,17 +333,34 @@ class CncDriver:
     # ----------------------------------------------------------------------- session
 
     async def _nodes(self, client: Client) -> dict[str, Any]:
+        """The nodes of the map on this server: browse paths translated in one request, every
+        node checked once. A missing optional point is logged and left out."""
+        ids: dict[str, ua.NodeId | str] = {}
+        paths = {q: ref for q, ref in self.node_ids.items() if isinstance(ref, BrowsePath)}
+        if paths:
+            for q, res in zip(paths, await translate_paths(client, list(paths.values()))):
+                ids[q] = res
         nodes = {}
         for q, text in self.node_ids.items():
-            node = client.get_node(await resolve_node_id(client, text))
+            optional = self.nodemap.points[q].optional
+            if q in paths:
+                if isinstance(ids[q], str):
+                    if optional:
+                        log.info("%s: optional point %s: browse path %s does not resolve: %s", self.device_id, q, text, ids[q])
+                        continue
+                    raise DeviceError(f"{self.device_id}: browse path {text} for {q!r} does not resolve: {ids[q]}")
+                node = client.get_node(ids[q])
+            else:
+                node = client.get_node(await resolve_node_id(client, text))
             try:
                 await node.read_browse_name()
             except ua.UaStatusCodeError as exc:
-                if self.nodemap.points[q].optional:
+                if optional:
                     log.info("%s: optional point %s (%s) not on the server: %s", self.device_id, q, text, exc)
                     continue
                 raise DeviceError(f"{self.device_id}: node {text} for {q!r} not readable: {exc}") from None
             nodes[q] = node
+        self.resolved = {q: node.nodeid.to_string() for q, node in nodes.items()}
         return nodes
 
     async def _initial(self, nodes: dict[str, Any]) -> None:
@@ -182,16 +378,50 @@ class CncDriver:
         self._apply(changes)
         self._flush()
 
+    def watchdog_s(self, period_s: float) -> float:
+        """Real seconds without a publish response (data or keep-alive) after which the
+        subscription counts as lost: watchdog_intervals publishing intervals, at least
+        KEEPALIVE_COUNT + 2 of them and MIN_WATCHDOG_S."""
+        return max(max(self.watchdog_intervals, KEEPALIVE_COUNT + 2) * period_s, MIN_WATCHDOG_S)
+
+    @staticmethod
+    async def _silence(sub: Any, since: float) -> float:
+        """Real seconds since the subscription's last publish response (or ``since``). Responses
+        already received but not yet processed (our own event loop was busy) are let in first."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return time.monotonic() - max(since, sub.last_publish_at or since)
+
     async def _follow_subscription(self, client: Client, nodes: dict[str, Any], stop: asyncio.Event) -> None:
         by_node = {node.nodeid: q for q, node in nodes.items()}
-        period_ms = self.clock.real_seconds(self.interval_s) * 1000.0
-        sub = await client.create_subscription(period_ms, None, queue_maxsize=10000)
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = self.clock.real_seconds(self.interval_s) * 1000.0
+        params.RequestedMaxKeepAliveCount = KEEPALIVE_COUNT
+        params.RequestedLifetimeCount = 10000
+        params.MaxNotificationsPerPublish = 10000
+        params.PublishingEnabled = True
+        params.Priority = 0
+        sub = await client.create_subscription(params, None, queue_maxsize=10000)
         async with sub:
             await sub.subscribe_data_change(list(nodes.values()), queuesize=100, sampling_interval=0)
+            period_s = params.RequestedPublishingInterval / 1000.0
+            limit = self.watchdog_s(period_s)
+            if hasattr(client, "_stale_check_margin"):
+                # asyncua's own stale-subscription check (recreate, then reconnect, with an error
+                # and a traceback in the log) would race this one: it waits twice as long.
+                client._stale_check_margin = 2.0 * limit / (period_s * KEEPALIVE_COUNT)
+            since = time.monotonic()
+            self.subscribed = True
             while not stop.is_set():
-                first = await sub.next_event(timeout=self.timeout_s)
-                if first is None:  # quiet: make sure the server is still there
-                    await asyncio.wait_for(client.nodes.server_state.read_value(), self.timeout_s)
+                first = await sub.next_event(timeout=min(self.timeout_s, limit / 4))
+                if first is None:  # quiet: the server must still publish keep-alives
+                    silent = await self._silence(sub, since)
+                    if silent > limit:
+                        self.watchdog_trips += 1
+                        raise DeviceError(
+                            f"{self.device_id}: subscription silent for {silent:.1f} s: no data change or keep-alive "
+                            f"(limit {limit:.1f} s: {self.watchdog_intervals:g} publishing intervals of "
+                            f"{period_s:.3g} s, at least {MIN_WATCHDOG_S:g} s)")
                     continue
                 batch = [first]
                 while len(batch) < 1000:
@@ -230,13 +460,23 @@ class CncDriver:
                 self._apply(changes)
             await sleep_or_stop(stop, self.clock.real_seconds(self.interval_s))
 
+    async def _secure(self, client: Client) -> None:
+        """Set identity and security on a new client. The server certificate comes from its
+        endpoint list (read over an unsecured discovery channel, as OPC UA intends) and must be
+        trusted before anything else is sent."""
+        await configure_security(client, self.device_id, self.endpoint, self.security)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, follow, reconnect; returns when ``stop`` is set."""
         backoff = 0.0
         down_since: float | None = None
+        # asyncua probes the server every watchdog_intervall; in subscribe mode the keep-alive
+        # watchdog decides first, so one outage gives one warning.
+        probe_s = max(self.timeout_s, 2.0 * self.watchdog_s(self.clock.real_seconds(self.interval_s)))
         while not stop.is_set():
-            client = Client(self.endpoint, timeout=self.timeout_s)
+            client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=probe_s)
             try:
+                await self._secure(client)
                 await client.connect()
                 try:
                     nodes = await self._nodes(client)
@@ -250,6 +490,7 @@ class CncDriver:
                     else:
                         await self._follow_polling(client, nodes, stop)
                 finally:
+                    self.subscribed = False
                     self._flush()
                     try:
                         await asyncio.wait_for(client.disconnect(), self.timeout_s)

@@ -4,7 +4,12 @@ Each machine gets a folder under Objects (browse name = machine id) holding an o
 channel and one for its production job (browse names from the node map's ``channel`` and
 ``job`` params, e.g. ``Channel_1`` and ``Job``), and in them the variables the node map names,
 with the node ids it names (string ids in the scenario's namespace). Enumerations are Int32
-(OPC 40502 values), ``parts_total`` UInt32, the rest String.
+(OPC 40502 values), ``parts_total`` and ``production_state`` UInt32, the rest String.
+
+A node map point given as a browse path is created where the path says: the objects along it
+(shared between machines where the paths share a prefix, e.g. ``Objects/Machines``) and the
+variable at its end, each with the browse name of its path element (namespace URIs are
+registered on the server).
 
 Values follow each machine's timeline (:attr:`simulators.scenario.Timeline.cnc_changes`). An
 update task runs every ``tick_s`` (10 ms) real seconds and publishes every change whose
@@ -12,6 +17,14 @@ instant has passed, in order, each with its *exact* instant as SourceTimestamp (
 change time; ServerTimestamp = the scenario clock's now). All nodes changing at one instant
 share one SourceTimestamp. When the task falls behind, each intermediate change is still
 written on its own, so a subscriber with a queue observes every one of them.
+
+Faults of kind ``cnc_bad_status`` become events: at ``from_s`` the point's value is sent with
+StatusCode BadSensorFailure (the last value stays in the DataValue, as real servers do; a client
+must not use it), at ``to_s`` the value of that instant with Good.
+
+With :class:`ServerSecurity` the server has a certificate and offers the Basic256Sha256 Sign and
+SignAndEncrypt endpoints (and None, unless left out); it can require a user name and password
+and accept only client certificates found in a folder.
 """
 
 from __future__ import annotations
@@ -20,12 +33,21 @@ import asyncio
 import logging
 import math
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from asyncua import Server, ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import User, UserRole
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from agent.clock import Clock
+from agent.errors import ConfigError
+from drivers.profile import ROOTS, BrowsePath
 from simulators.scenario import MachineSim, Scenario
 
 log = logging.getLogger(__name__)
@@ -33,16 +55,133 @@ log = logging.getLogger(__name__)
 VARIANT = {
     "channel_status": ua.VariantType.Int32, "program_status": ua.VariantType.Int32,
     "operation_mode": ua.VariantType.Int32, "parts_total": ua.VariantType.UInt32,
+    "channel_state": ua.VariantType.Int32, "channel_mode": ua.VariantType.Int32,
+    "production_state": ua.VariantType.UInt32,
 }
 """Variant type per point; points not listed are strings."""
 TICK_S = 0.01
 
 
+class _Bad:
+    """The value of a point while a cnc_bad_status fault holds."""
+
+    def __repr__(self) -> str:
+        return "BAD"
+
+
+BAD = _Bad()
+BAD_STATUS = ua.StatusCodes.BadSensorFailure
+
+
+def _production_state(v: dict[str, Any]) -> int:
+    """OPC 40501-1 ProductionStateMachine number from the OPC 40502 channel values."""
+    running = {1: 1, 2: 1, 3: 3, 4: 4}  # Running, Waiting -> Running; Interrupted; Canceled -> Aborted
+    if v["program_status"] in running:
+        return running[v["program_status"]]
+    return 0 if v["channel_status"] == 0 else 2  # stopped: Initializing while active (setup), else Ended
+
+
+DERIVED: dict[str, Callable[[dict[str, Any]], Any]] = {
+    # OPC 40501-1 points (opc40501 node map) from the timeline's OPC 40502 values
+    "channel_state": lambda v: v["channel_status"],    # ChannelState = CncChannelStatus (Active, Interrupted, Reset)
+    "channel_mode": lambda v: v["operation_mode"],     # ChannelMode 0..2 = CncOperationMode 0..2 (Automatic, MDA, JOG)
+    "production_state": _production_state,
+}
+"""Points some node maps name that the timeline does not: computed from its values."""
+
+
 def cnc_events(scenario: Scenario, machine: MachineSim) -> list[tuple[float, dict[str, Any]]]:
     """What one CNC publishes: ``[(-inf, initial values), (t, changed values), ...]`` in time
-    order. The one place CNC faults would act: a fault (say, a Bad status) becomes changes at its
-    from_s and to_s merged into this list. No CNC fault kind exists yet."""
-    return machine.timeline.cnc_changes
+    order, with the :data:`DERIVED` points its node map names. The one place CNC faults act: a
+    ``cnc_bad_status`` fault becomes changes at its from_s (the point becomes :data:`BAD`) and
+    to_s (the value of that instant comes back)."""
+    changes = machine.timeline.cnc_changes
+    faults = scenario.faults_of(machine.id, "cnc")
+    derived = {q: f for q, f in DERIVED.items() if q in machine.cnc.node_map_model.points}
+    if not faults and not derived:
+        return changes
+    points = set(changes[0][1]) | set(derived)
+    for f in faults:
+        if f.point is not None and f.point not in points:
+            raise ConfigError(f"faults: {f.kind} on {machine.id}: point {f.point!r} is not a CNC point "
+                              f"(known: {', '.join(sorted(points))})")
+    times = sorted({t for t, _ in changes} | {f.from_s for f in faults} | {f.to_s for f in faults if f.to_s})
+    out: list[tuple[float, dict[str, Any]]] = []
+    truth: dict[str, Any] = {}
+    shown: dict[str, Any] = {}
+    k = 0
+    for t in times:
+        while k < len(changes) and changes[k][0] <= t:
+            truth.update(changes[k][1])
+            k += 1
+        want = dict(truth)
+        want.update({q: f(truth) for q, f in derived.items()})
+        for f in faults:
+            if f.active(t):
+                for q in [f.point] if f.point else list(want):
+                    want[q] = BAD
+        changed = {q: v for q, v in want.items() if q not in shown or not _same(shown[q], v)}
+        if changed:
+            out.append((t, changed))
+            shown.update(changed)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b if a is BAD or b is BAD else a == b
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """Security of the simulated CNC server."""
+
+    certificate: Path
+    private_key: Path
+    modes: tuple[str, ...] = ("None", "Sign", "SignAndEncrypt")
+    """Endpoints offered: None, and Basic256Sha256 with Sign and/or SignAndEncrypt."""
+    users: dict[str, str] = field(default_factory=dict)
+    """user name -> password; empty: anonymous sessions."""
+    trusted_clients: Path | None = None
+    """Folder of accepted client certificates (.der/.pem); None: any client certificate."""
+    application_uri: str = "urn:energy-agent:simulator"
+    """Must be the URI in the server certificate's subjectAltName."""
+
+
+class _Users:
+    """Accepts exactly the configured user names with their passwords."""
+
+    def __init__(self, users: dict[str, str], logins: list[str]):
+        self.users = dict(users)
+        self.logins = logins
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        self.logins.append(username or "")
+        if username is not None and self.users.get(username) == password:
+            return User(role=UserRole.User)
+        return None
+
+
+def _client_validator(folder: Path):
+    """A certificate validator accepting client certificates found in ``folder`` (read at each
+    session, so a certificate copied there later is accepted)."""
+
+    async def validate(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        for f in sorted(folder.iterdir()):
+            try:
+                data = f.read_bytes()
+                other = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----BEGIN")
+                         else x509.load_der_x509_certificate(data))
+            except (OSError, ValueError):  # not a certificate: ignored
+                continue
+            if other.public_bytes(serialization.Encoding.DER) == der:
+                return
+        log.warning("CNC simulator: client certificate %s (%s) refused: not trusted",
+                    cert.subject.rfc4514_string(), app.ApplicationUri)
+        raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+    return validate
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,14 +198,19 @@ class CncBank:
     """Serves every CNC of a scenario from one OPC UA server."""
 
     def __init__(self, scenario: Scenario, clock: Clock, *, host: str = "127.0.0.1", port: int = 4840,
-                 tick_s: float = TICK_S):
+                 tick_s: float = TICK_S, security: ServerSecurity | None = None):
         self.scenario = scenario
+        self.security = security
         self.clock = clock
         self.host = host
         self.port = port
         self.tick_s = tick_s
         self.server: Server | None = None
         self.nodes: dict[str, dict[str, ua.NodeId]] = {}
+        self.logins: list[str] = []
+        """User names of every session activation attempt (with ``security.users``)."""
+        self.shown: dict[str, dict[str, Any]] = {}
+        """Last good value per machine and point (sent along with a Bad status)."""
         self.events = {m.id: cnc_events(scenario, m) for m in scenario.machines}
         self._next: dict[str, int] = {}
         self._task: asyncio.Task | None = None
@@ -81,24 +225,63 @@ class CncBank:
     def sim_time(self) -> float:
         return self.clock.wall() - self.clock.anchor
 
+    async def _ns(self, server: Server, idx: dict[str, int], ns: int | str) -> int:
+        if isinstance(ns, int):
+            return ns
+        if ns not in idx:
+            idx[ns] = await server.register_namespace(ns)
+        return idx[ns]
+
+    async def _node_id(self, server: Server, idx: dict[str, int], text: str) -> ua.NodeId:
+        if text.startswith("nsu="):
+            uri, rest = text[4:].split(";", 1)
+            text = f"ns={await self._ns(server, idx, uri)};{rest}"
+        return ua.NodeId.from_string(text)
+
+    async def _along(self, server: Server, idx: dict[str, int], folder: Any, path: BrowsePath) -> tuple[Any, ua.QualifiedName, ua.NodeId]:
+        """The parent of a browse path's last element (creating the objects on the way), the
+        last element's browse name and a node id for it."""
+        if path.start in ROOTS.values():
+            parent = server.get_node(ua.NodeId.from_string(path.start))
+        else:
+            start = await self._node_id(server, idx, path.start)
+            parent = server.get_node(start)
+            try:
+                await parent.read_browse_name()
+            except ua.UaStatusCodeError:  # an object the map starts from: make it in the machine's folder
+                name = str(start.Identifier).rsplit(".", 1)[-1]
+                parent = await folder.add_object(start, ua.QualifiedName(name, start.NamespaceIndex))
+        key = path.start
+        names = [ua.QualifiedName(name, await self._ns(server, idx, ns)) for ns, name in path.elements]
+        for qn in names[:-1]:
+            key += f"/{qn.NamespaceIndex}:{qn.Name}"
+            try:
+                parent = await parent.get_child(qn)
+            except ua.UaStatusCodeError:
+                parent = await parent.add_object(ua.NodeId(key, qn.NamespaceIndex), qn)
+        last = names[-1]
+        return parent, last, ua.NodeId(f"{key}/{last.NamespaceIndex}:{last.Name}", last.NamespaceIndex)
+
     async def _build(self, server: Server, idx: dict[str, int], m: MachineSim) -> None:
         ns = idx[self.scenario.namespace]
         nm = m.cnc.node_map_model
-        ids = nm.resolve({"namespace": self.scenario.namespace, "channel": m.cnc.channel, "job": m.cnc.job})
+        ids = nm.resolve({"namespace": self.scenario.namespace, "channel": m.cnc.channel, "job": m.cnc.job,
+                          "machine": m.id})
         folder = await server.nodes.objects.add_folder(ua.NodeId(m.id, ns), ua.QualifiedName(m.id, ns))
         parents: dict[str, Any] = {}
         initial = self.events[m.id][0][1]
         self.nodes[m.id] = {}
-        for point, text in ids.items():
+        for point, ref in ids.items():
             if point not in initial:
-                log.warning("%s: node map point %r is not simulated; node %s not created", m.id, point, text)
+                log.warning("%s: node map point %r is not simulated; node %s not created", m.id, point, ref)
                 continue
-            if text.startswith("nsu="):
-                uri, rest = text[4:].split(";", 1)
-                if uri not in idx:
-                    idx[uri] = await server.register_namespace(uri)
-                text = f"ns={idx[uri]};{rest}"
-            nodeid = ua.NodeId.from_string(text)
+            vt = VARIANT.get(point, ua.VariantType.String)
+            if isinstance(ref, BrowsePath):
+                parent, qn, nodeid = await self._along(server, idx, folder, ref)
+                node = await parent.add_variable(nodeid, qn, ua.Variant(initial[point], vt))
+                self.nodes[m.id][point] = node.nodeid
+                continue
+            nodeid = await self._node_id(server, idx, ref)
             parent, browse = folder, point
             if nodeid.NodeIdType == ua.NodeIdType.String:
                 browse = nodeid.Identifier
@@ -110,10 +293,30 @@ class CncBank:
                                 ua.QualifiedName(prefix.rsplit(".", 1)[-1], nodeid.NamespaceIndex))
                         parent, browse = parents[prefix], nodeid.Identifier[len(prefix) + 1:]
                         break
-            vt = VARIANT.get(point, ua.VariantType.String)
             node = await parent.add_variable(nodeid, ua.QualifiedName(browse, nodeid.NamespaceIndex),
                                              ua.Variant(initial[point], vt))
             self.nodes[m.id][point] = node.nodeid
+
+    async def _secure(self, server: Server) -> None:
+        sec = self.security
+        if sec is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+            return
+        await server.load_certificate(str(sec.certificate))
+        await server.load_private_key(str(sec.private_key))
+        await server.set_application_uri(sec.application_uri)
+        kinds = {"None": ua.SecurityPolicyType.NoSecurity,
+                 "Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+                 "SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt}
+        server.set_security_policy([kinds[k] for k in sec.modes])
+        if sec.users:
+            server.iserver.set_user_manager(_Users(sec.users, self.logins))
+            server.set_identity_tokens([ua.UserNameIdentityToken])
+        else:
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+        if sec.trusted_clients is not None:
+            server.set_certificate_validator(_client_validator(sec.trusted_clients))
 
     async def start(self) -> None:
         """Build the address space, show the values of now, start serving and updating."""
@@ -123,8 +326,7 @@ class CncBank:
         await server.init()  # ~2 s; scenario time is read after it
         server.set_endpoint(self.endpoint)
         server.set_server_name("energy-agent CNC simulator")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-        server.set_identity_tokens([ua.AnonymousIdentityToken])
+        await self._secure(server)
         idx = {self.scenario.namespace: await server.register_namespace(self.scenario.namespace)}
         for m in self.scenario.machines:
             await self._build(server, idx, m)
@@ -154,8 +356,15 @@ class CncBank:
         if nodeid is None:
             return
         assert self.server is not None
-        dv = ua.DataValue(ua.Variant(value, VARIANT.get(point, ua.VariantType.String)),
-                          SourceTimestamp=stamp, ServerTimestamp=_utc(self.clock.wall()))
+        vt = VARIANT.get(point, ua.VariantType.String)
+        if value is BAD:
+            last = self.shown.setdefault(machine, {}).get(point)
+            dv = ua.DataValue(ua.Variant(last, vt) if last is not None else ua.Variant(),
+                              StatusCode=ua.StatusCode(BAD_STATUS),
+                              SourceTimestamp=stamp, ServerTimestamp=_utc(self.clock.wall()))
+        else:
+            self.shown.setdefault(machine, {})[point] = value
+            dv = ua.DataValue(ua.Variant(value, vt), SourceTimestamp=stamp, ServerTimestamp=_utc(self.clock.wall()))
         await self.server.write_attribute_value(nodeid, dv)
         self.writes += 1
 
