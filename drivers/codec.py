@@ -50,3 +50,14 @@ def encode(value: int | float, type_: str, word_order: Order = "big", byte_order
         raw = struct.pack(">" + code, int(value))
     words = [int.from_bytes(raw[i : i + 2], "big" if byte_order == "big" else "little") for i in range(0, len(raw), 2)]
     return words if word_order == "big" else list(reversed(words))
+
+
+def not_available(raw: int | float, type_: str) -> bool:
+    """Whether a decoded raw integer is its type's 'not available' marker: the most negative
+    value of a signed type (0x8000…), all ones for an unsigned one (0xFFFF…). Meters (and
+    SunSpec) send it where a float register would hold NaN. Floats: never (NaN is checked as such)."""
+    code, n = TYPES[type_]
+    if code in "fd":
+        return False
+    bits = 16 * n
+    return raw == (-(2 ** (bits - 1)) if code.islower() else 2**bits - 1)

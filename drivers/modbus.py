@@ -9,7 +9,13 @@ backoff step, not one per poll.
 
 A :class:`MeterDriver` reads the registers its profile names in as few requests as the
 profile allows (coalesced blocks), decodes them and returns a :class:`Reading`. Values that
-decode to NaN or infinity are reported in ``Reading.bad``, never passed on as numbers.
+cannot be measurements are reported in ``Reading.bad`` (with the reason in
+``Reading.reasons``), never passed on as numbers: NaN or infinity, an integer register's 'not
+available' marker, power above the profile's ``max_power_w`` or clearly negative. Damaged
+frames (a wrong CRC, a cut frame: pymodbus drops them, the request times out; a response with
+fewer registers than asked) and exception responses make the whole poll an error; after a
+timeout on RTU framing or a malformed answer the next request goes out on a fresh connection,
+so that nothing left of the bad exchange is read as the answer to another meter's request.
 pymodbus exceptions stay in this module: callers see :class:`DeviceError` or a Reading with
 ``error`` set.
 """
@@ -27,6 +33,7 @@ from pymodbus.exceptions import ModbusException
 
 from agent.clock import Clock
 from agent.errors import DeviceError
+from drivers import codec
 from drivers.profile import Block, MeterProfile, decode_block, plan_blocks
 from drivers.reading import Reading
 
@@ -34,6 +41,25 @@ log = logging.getLogger(__name__)
 
 ENERGY_QUANTITIES = ("power_w", "energy_import_kwh")
 """What the agent reads on every poll; the rest of a profile is read by ``probe``."""
+
+NEGATIVE_POWER_SHARE = 1e-3
+NEGATIVE_POWER_MIN_W = 10.0
+"""Power below -max(10 W, 0.1 % of max_power_w) is a reversed CT or a sign error, not a
+consumer's: not used. A meter's noise around zero (an idle machine reading -0.4 W) stays above."""
+
+
+def check_value(q: str, v: float, max_power_w: float | None) -> str | None:
+    """Why a decoded value is not a measurement (a ``drivers.reading.BAD_REASONS`` code), or None."""
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf"
+    if q == "power_w":
+        if max_power_w and v > max_power_w:
+            return "implausible"
+        if v < -max(NEGATIVE_POWER_MIN_W, NEGATIVE_POWER_SHARE * (max_power_w or 0.0)):
+            return "negative"
+    return None
 
 
 class ModbusBus:
@@ -105,9 +131,12 @@ class ModbusBus:
         try:
             rr = await asyncio.wait_for(call(address, count=count, device_id=unit), timeout_s)
         except asyncio.TimeoutError:
+            # No answer, or one pymodbus dropped as damaged (wrong CRC, cut frame). RTU frames
+            # carry no transaction id: a late answer would be read as the answer to the next
+            # request, so that one goes out on a fresh connection. Over TCP the transaction id
+            # rejects a late answer and pymodbus drops what is left of a cut frame when it sends
+            # the next request: the connection (maybe a gateway's only one) is kept.
             if self._rtu:
-                # RTU frames carry no transaction id: a late answer would be read as the answer to
-                # the next request. Start the next one on a fresh connection.
                 client.close()
             raise DeviceError(f"{self.name} unit {unit}: no answer within {timeout_s:g} s") from None
         except (ModbusException, OSError) as exc:
@@ -118,7 +147,9 @@ class ModbusBus:
             raise DeviceError(f"{self.name} unit {unit}: exception code {code} reading {function} {address}+{count}")
         regs = list(rr.registers)
         if len(regs) < count:
-            raise DeviceError(f"{self.name} unit {unit}: short response ({len(regs)} of {count} registers)")
+            client.close()  # a malformed answer: nothing more of it is read as another's
+            raise DeviceError(f"{self.name} unit {unit}: short response ({len(regs)} of {count} registers "
+                              f"reading {function} {address}+{count})")
         return regs[:count]
 
     async def close(self) -> None:
@@ -159,18 +190,30 @@ class MeterDriver:
         """One poll: every block read, decoded and stamped at the middle of the exchange."""
         t0 = self.clock.mono()
         values: dict[str, float] = {}
-        bad: list[str] = []
+        reasons: dict[str, str] = {}
         try:
             for block in self.blocks:
                 regs = await self._read_block(block)
                 for q, v in decode_block(self.profile, block, regs).items():
-                    if math.isfinite(v):
+                    why = "not_available" if self._not_available(block, q, regs) else \
+                        check_value(q, v, self.profile.max_power_w)
+                    if why is None:
                         values[q] = v
                     else:
-                        bad.append(q)
+                        reasons[q] = why
         except DeviceError as exc:
             t = self.clock.mono()
             return Reading(self.device_id, t, self.clock.wall_of_mono(t), error=str(exc))
         t1 = self.clock.mono()
         t = 0.5 * (t0 + t1)
-        return Reading(self.device_id, t, self.clock.wall_of_mono(t), values, tuple(bad))
+        return Reading(self.device_id, t, self.clock.wall_of_mono(t), values, tuple(reasons), reasons=reasons)
+
+    def _not_available(self, block: Block, q: str, regs: list[int]) -> bool:
+        """Whether integer point ``q`` holds its type's 'not available' marker."""
+        for name, off, p in block.members:
+            if name == q:
+                if p.type[0] not in "ui":
+                    return False
+                wo, bo = self.profile.order(q)
+                return codec.not_available(codec.decode(regs[off : off + codec.width(p.type)], p.type, wo, bo), p.type)
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -13,8 +14,9 @@ class Reading:
     ``t`` is on the agent's monotonic clock (seconds), ``wall`` the UTC stamp of the same
     instant. ``values`` maps quantity names (``power_w``, ``energy_import_kwh``, ``program``,
     ``channel_status``, ...) to decoded values; a quantity whose raw value was unusable
-    (NaN, Bad status) is absent and named in ``bad``. ``error`` is set, and ``values`` empty,
-    when the device did not answer at all.
+    (NaN, Bad status, implausible) is absent and named in ``bad``, and ``reasons`` may say why
+    (quantity -> one of :data:`BAD_REASONS`). ``error`` is set, and ``values`` empty, when the
+    device did not answer at all.
     """
 
     device: str
@@ -23,7 +25,71 @@ class Reading:
     values: Mapping[str, Any] = field(default_factory=dict)
     bad: tuple[str, ...] = ()
     error: str | None = None
+    reasons: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+BAD_REASONS = {
+    "nan": "NaN",
+    "inf": "infinite",
+    "not_available": "the register type's 'not available' value",
+    "implausible": "above the profile's max_power_w",
+    "negative": "negative power on a consumption meter",
+}
+"""Why a value is in ``Reading.bad``: code -> what it means (for messages)."""
+
+
+class Availability:
+    """One log line when a device (or one of its quantities) becomes unusable, one when it is
+    usable again: never one per poll, and not two per flap.
+
+    An outage starts at the first failed reading (the device: ``error``; a quantity: named in
+    ``bad``). It ends only after ``back_after`` consecutive good readings, so a device that
+    answers every other poll stays in one outage instead of logging each change; the ``back``
+    line then says how long it lasted and how many readings failed. A reading without an answer
+    tells nothing about the quantities: their outages neither start nor end on it.
+    """
+
+    def __init__(self, name: str, back_after: int = 3):
+        self.name = name
+        self.back_after = back_after
+        self._down: dict[str | None, list] = {}
+        """Subject (None: the device, else a quantity) -> [since, failed, good streak, first good]."""
+
+    def update(self, r: Reading, now: float) -> list[tuple[int, str]]:
+        """(logging level, message) lines this reading starts or ends; usually none."""
+        out: list[tuple[int, str]] = []
+        self._see(None, not r.ok, now, lambda: f"{self.name}: unavailable ({r.error})", out)
+        if r.ok:
+            for q in sorted(set(r.bad) | {q for q in self._down if q is not None}):
+                why = BAD_REASONS.get(r.reasons.get(q, ""), "unusable value")
+                self._see(q, q in r.bad, now, lambda q=q, why=why: f"{self.name}: {q} unavailable ({why})", out)
+        return out
+
+    def _see(self, subject: str | None, failed: bool, now: float, message, out: list) -> None:
+        down = self._down.get(subject)
+        if failed:
+            if down is None:
+                self._down[subject] = [now, 1, 0, None]
+                out.append((logging.WARNING, message()))
+            else:
+                down[1] += 1
+                down[2], down[3] = 0, None
+            return
+        if down is None:
+            return
+        down[2] += 1
+        if down[3] is None:
+            down[3] = now
+        if down[2] >= self.back_after:
+            del self._down[subject]
+            what = f"{self.name}:" if subject is None else f"{self.name}: {subject}"
+            out.append((logging.INFO, f"{what} back after {down[3] - down[0]:.1f} s ({down[1]} failed readings)"))
+
+    @property
+    def down(self) -> list[str | None]:
+        """What is in an outage now (None: the device itself)."""
+        return list(self._down)

@@ -15,7 +15,10 @@ real meter would show at the moment its request is served.
 Faults of the scenario act in one place, :func:`apply_faults`. A silent meter sends no answer
 at all (the action raises ``NoSuchIdException`` and the server runs with
 ``ignore_missing_devices=True``, which drops the response): the client's request times out
-while other units on the same connection keep answering.
+while other units on the same connection keep answering. Damaged frames are beyond what the
+server can send: with a ``modbus_garbled`` fault in the scenario the bank serves its TCP port
+through :class:`simulators.garble.GarblingProxy`, which damages the responses of the faulty
+unit inside the fault's window on their way to the client.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from agent.clock import Clock
 from drivers import codec
 from drivers.profile import MeterProfile, RegisterPoint
+from simulators.garble import GarblingProxy
 from simulators.scenario import Fault, MachineSim, Scenario
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,8 @@ def apply_faults(machine: MachineSim, faults: list[Fault], t: float, values: dic
     Raises :class:`NoAnswer` (no response is sent), returns an exception code to answer with,
     or changes ``values`` in place and returns None. ``faults`` are in order of ``from_s``;
     the earliest active fault that refuses the request wins, and of several counter resets the
-    latest counts.
+    latest counts (a counter jump after a reset adds its step to the reset register).
+    ``modbus_garbled`` acts on the wire (:mod:`simulators.garble`), not here.
     """
     for f in faults:
         if not f.active(t):
@@ -79,17 +84,27 @@ def apply_faults(machine: MachineSim, faults: list[Fault], t: float, values: dic
             return ExcCodes(f.code or ExcCodes.DEVICE_FAILURE)
         if f.kind == "counter_reset":
             values["energy_import_kwh"] = machine.timeline.energy_at(t) - machine.timeline.energy_at(f.from_s)
-        elif f.kind == "power_nan":
-            values["power_w"] = math.nan
+        elif f.kind == "counter_jump":
+            values["energy_import_kwh"] += f.kwh
+        elif f.kind == "counter_nan":
+            values["energy_import_kwh"] = math.nan
+        elif f.kind in ("power_nan", "power_inf"):
+            bad = math.nan if f.kind == "power_nan" else math.inf
+            values["power_w"] = bad
             for q in ("current_l1_a", "current_l2_a", "current_l3_a"):
-                values[q] = math.nan
+                values[q] = bad
+        elif f.kind == "power_negative":
+            values["power_w"] = -abs(values["power_w"])
+        elif f.kind == "power_implausible":
+            limit = machine.meter.profile_model.max_power_w or 0.0  # validated: set when value_w is not
+            values["power_w"] = f.value_w if f.value_w is not None else 2.0 * limit
     return None
 
 
 def meter_values(machine: MachineSim, t: float, faults: list[Fault] = ()) -> dict[str, float]:
     """What the meter shows at t with value faults applied (refusing faults are ignored here)."""
     values = physical_values(machine, t)
-    value_faults = [f for f in faults if f.kind not in ("meter_silent", "modbus_exception")]
+    value_faults = [f for f in faults if f.kind not in ("meter_silent", "modbus_exception", "modbus_garbled")]
     apply_faults(machine, value_faults, t, values)
     return values
 
@@ -155,6 +170,11 @@ class MeterBank:
         self.framer = framer
         self.serial_device, self.baudrate = serial_device, baudrate
         self.requests = 0
+        self.proxy: GarblingProxy | None = None
+        """In front of the server when the scenario damages frames (``modbus_garbled``)."""
+        garbled = [f for f in scenario.faults if f.kind == "modbus_garbled"]
+        if garbled and serial_device is not None:
+            raise ValueError(f"modbus_garbled faults ({garbled[0].machine}) need a TCP port, not a serial line")
         self.profiles: dict[int, MeterProfile] = {}
         devices = []
         for m in scenario.machines:
@@ -169,7 +189,9 @@ class MeterBank:
             self.server = ModbusSerialServer(devices, port=serial_device, framer=FramerType.RTU, baudrate=baudrate,
                                              ignore_missing_devices=True)
         else:
-            self.server = ModbusTcpServer(devices, address=(host, port), framer=FRAMERS[framer],
+            if garbled:  # the server on a free port behind the proxy, which takes the bank's port
+                self.proxy = GarblingProxy(scenario, clock, framer, host=host, port=port)
+            self.server = ModbusTcpServer(devices, address=(host, 0 if garbled else port), framer=FRAMERS[framer],
                                           ignore_missing_devices=True)
         self._started = False
 
@@ -182,6 +204,13 @@ class MeterBank:
         """The listening port (the bound one when started on port 0); 0 on a serial line."""
         if self.serial_device is not None:
             return 0
+        if self.proxy is not None:
+            return self.proxy.port
+        return self.server_port
+
+    @property
+    def server_port(self) -> int:
+        """The Modbus server's own port (behind the proxy, when there is one)."""
         if self._started and self.server.transport is not None:
             return self.server.transport.sockets[0].getsockname()[1]
         return self._port
@@ -218,8 +247,12 @@ class MeterBank:
     async def start(self) -> None:
         await self.server.serve_forever(background=True)
         self._started = True
+        if self.proxy is not None:
+            await self.proxy.start(self.host, self.server_port)
 
     async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
         await self.server.shutdown()
         self._started = False
 

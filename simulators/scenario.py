@@ -8,7 +8,9 @@ form. The meter's energy register is ``E(t) = offset + integral of P from 0 to t
 integral before scenario time 0, so a scenario may be served before its anchor).
 
 ``truth`` gives every job's exact energy, total and by state. Faults change what the devices
-*report*, never the physical energy, so truth is unaffected by them.
+*report*, never the physical energy, so the energy in the truth is unaffected by them; each job
+also lists the faults that touch its window (with the true energy inside each), so a test knows
+which part of a job was reported wrongly and which part must still be exact.
 
 The helpers ``state_at``, ``power_at``, ``energy_at`` (and the :class:`Timeline` methods behind
 them) take a scalar or a numpy array of scenario times.
@@ -43,8 +45,10 @@ class FaultKind:
     """What a fault kind acts on and which of ``to_s`` it takes."""
 
     device: Literal["meter", "cnc", "server"]
-    to_s: Literal["required", "forbidden"]
+    to_s: Literal["required", "forbidden", "optional"]
     effect: str
+    takes: tuple[str, ...] = ()
+    """Optional fields of :class:`Fault` this kind accepts (``code``, ``point``, ...)."""
 
 
 FAULT_KINDS: dict[str, FaultKind] = {
@@ -55,13 +59,37 @@ FAULT_KINDS: dict[str, FaultKind] = {
                               "the meter does not answer in [from_s, to_s): requests time out"),
     "modbus_exception": FaultKind("meter", "required",
                                   "the meter answers with an exception response (code 4, device failure, "
-                                  "unless `code` says otherwise) in [from_s, to_s)"),
+                                  "unless `code` says otherwise) in [from_s, to_s)", ("code",)),
+    "modbus_garbled": FaultKind("meter", "required",
+                                "the meter's responses are damaged on the wire in [from_s, to_s) (served through "
+                                "a corrupting proxy, TCP ports only): `mode` corrupt (default; RTU-over-TCP: a wrong "
+                                "CRC, TCP: the MBAP length announces one byte more than is sent) or short (a "
+                                "well-formed response carrying half the registers asked for)", ("mode",)),
     "counter_reset": FaultKind("meter", "forbidden",
                                "at from_s the energy register restarts from 0: it shows E(t) - E(from_s) from then on"),
+    "counter_jump": FaultKind("meter", "optional",
+                              "the energy register shows E(t) + `kwh` (negative: backwards) from from_s, until "
+                              "to_s when given (a glitch: it jumps back at to_s)", ("kwh",)),
+    "counter_nan": FaultKind("meter", "required",
+                             "the energy register reads NaN in [from_s, to_s) (integer registers: 'not available')"),
     "power_nan": FaultKind("meter", "required",
                            "the power register reads NaN in [from_s, to_s) (integer registers: the type's "
                            "'not available' value, 0x8000… signed or 0xFFFF… unsigned); currents too"),
+    "power_inf": FaultKind("meter", "required",
+                           "the power register reads +Inf in [from_s, to_s) (integer registers: 'not available'); "
+                           "currents too"),
+    "power_negative": FaultKind("meter", "required",
+                                "the power register reads -P(t) in [from_s, to_s) (a reversed CT or sign error); "
+                                "the energy register is unaffected"),
+    "power_implausible": FaultKind("meter", "required",
+                                   "the power register reads `value_w` (default: twice the profile's max_power_w) "
+                                   "in [from_s, to_s); the energy register is unaffected", ("value_w",)),
+    "cnc_bad_status": FaultKind("cnc", "required",
+                                "the CNC sends `point` (default: every point) with StatusCode BadSensorFailure "
+                                "in [from_s, to_s); the last value stays in the DataValue but must not be used",
+                                ("point",)),
 }
+GARBLE_MODES = ("corrupt", "short")
 
 MODBUS_EXCEPTION_CODES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11)
 
@@ -76,6 +104,10 @@ class Fault(_M):
     from_s: float
     to_s: float | None = Field(None, description="end of the fault (exclusive); counter_reset takes none")
     code: int | None = Field(None, description="modbus_exception: the exception code (default 4)")
+    point: str | None = Field(None, description="cnc_bad_status: the node map point (default: every point)")
+    mode: Literal["corrupt", "short"] | None = Field(None, description="modbus_garbled: how (default corrupt)")
+    kwh: float | None = Field(None, description="counter_jump: the step of the energy register (kWh, != 0)")
+    value_w: float | None = Field(None, description="power_implausible: the power shown (W; default 2 x max_power_w)")
 
     @model_validator(mode="after")
     def _check(self) -> "Fault":
@@ -86,11 +118,17 @@ class Fault(_M):
             raise ValueError(f"to_s: {self.kind} needs an end (to_s)")
         if kind.to_s == "forbidden" and self.to_s is not None:
             raise ValueError(f"to_s: {self.kind} happens at from_s and takes no to_s")
+        for name in ("code", "point", "mode", "kwh", "value_w"):
+            if getattr(self, name) is not None and name not in kind.takes:
+                owners = ", ".join(k for k, v in FAULT_KINDS.items() if name in v.takes)
+                raise ValueError(f"{name}: only {owners} takes a {name}, not {self.kind}")
+        if self.kind == "counter_jump" and not (self.kwh is not None and self.kwh != 0 and math.isfinite(self.kwh)):
+            raise ValueError("kwh: counter_jump needs a finite, non-zero step (kwh)")
+        if self.value_w is not None and not math.isfinite(self.value_w):
+            raise ValueError(f"value_w: {self.value_w} is not a finite power")
         if self.to_s is not None and not self.to_s > self.from_s:
             raise ValueError(f"to_s: {self.to_s:g} is not after from_s {self.from_s:g}")
         if self.code is not None:
-            if self.kind != "modbus_exception":
-                raise ValueError(f"code: only modbus_exception takes a code, not {self.kind}")
             if self.code not in MODBUS_EXCEPTION_CODES:
                 raise ValueError(f"code: {self.code} is not a Modbus exception code "
                                  f"({', '.join(map(str, MODBUS_EXCEPTION_CODES))})")
@@ -103,6 +141,18 @@ class Fault(_M):
     def active(self, t: float) -> bool:
         """Whether the fault holds at scenario time t ([from_s, to_s), or from from_s on)."""
         return self.from_s <= t and (self.to_s is None or t < self.to_s)
+
+    def touches(self, a: float, b: float) -> tuple[float, float] | None:
+        """The part of [a, b) where this fault shows, or None. A fault without ``to_s`` (a
+        counter event) shows only at the instant it happens; after it the register counts
+        normally again, so only the window holding ``from_s`` sees it."""
+        if self.to_s is None:
+            return (self.from_s, self.from_s) if a <= self.from_s < b else None
+        lo, hi = max(a, self.from_s), min(b, self.to_s)
+        if lo < hi:
+            return (lo, hi)
+        # A glitch that ends inside the window: the register jumps back at to_s.
+        return (self.to_s, self.to_s) if self.kind == "counter_jump" and a <= self.to_s < b else None
 
 
 # ------------------------------------------------------------------------------------ scenario
@@ -260,6 +310,11 @@ class Scenario(_M):
         for i, f in enumerate(self.faults):
             if f.machine not in ids:
                 raise ValueError(f"faults[{i}].machine: unknown machine {f.machine!r} (known: {', '.join(ids)})")
+            if f.kind == "power_implausible" and f.value_w is None:
+                prof = self.machines[ids[f.machine]].meter.profile_model
+                if not prof.max_power_w:
+                    raise ValueError(f"faults[{i}].value_w: profile {prof.name} of {f.machine} has no max_power_w; "
+                                     "give the power to show")
         return self
 
     def machine(self, machine_id: str) -> MachineSim:
@@ -506,9 +561,27 @@ def parse(data: Any, *, base: Path | None = None, source: str = "scenario") -> S
         raise ConfigError(f"{source}: {format_validation(exc)}") from None
 
 
+def job_faults(scenario: Scenario, machine: MachineSim, job: JobSpec) -> list[dict[str, Any]]:
+    """The faults that touch a job's window: kind, device, the part of the window they cover
+    (``from_s``, ``to_s``; equal for a counter event), the true energy in that part
+    (``energy_kwh``) and the fault's parameters (``code``, ``mode``, ``kwh``, ...)."""
+    out = []
+    for f in scenario.faults_of(machine.id):
+        part = f.touches(job.start_s, job.end_s)
+        if part is None:
+            continue
+        a, b = part
+        extra = {k: v for k, v in f.model_dump(include={"code", "point", "mode", "kwh", "value_w"}).items()
+                 if v is not None}
+        out.append({"kind": f.kind, "device": f.device, "from_s": a, "to_s": b,
+                    "energy_kwh": sum(machine.timeline.energy_ws(a, b).values()) / J_PER_KWH, **extra})
+    return out
+
+
 def truth(scenario: Scenario) -> list[dict[str, Any]]:
     """Every job's exact energy (kWh, total and by state over its window [start_s, end_s]), in
-    closed form, with the (unfaulted) energy register at the job's start and end."""
+    closed form, with the (unfaulted) energy register at the job's start and end, and the faults
+    touching the job (:func:`job_faults`; empty for a job reported cleanly)."""
     out = []
     for m in scenario.machines:
         tl = m.timeline
@@ -521,5 +594,6 @@ def truth(scenario: Scenario) -> list[dict[str, Any]]:
                 "start_s": job.start_s, "end_s": job.end_s, "duration_s": job.duration_s,
                 "kwh": sum(by_state.values()), "by_state": by_state,
                 "counter_start_kwh": tl.energy_at(job.start_s), "counter_end_kwh": tl.energy_at(job.end_s),
+                "faults": job_faults(scenario, m, job),
             })
     return out
