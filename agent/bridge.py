@@ -12,6 +12,14 @@ silently dropped: it is appended to the dead-letter file (JSON lines: time, topi
 payload), counted, logged once per kind of problem, and then acknowledged. Replaying the file
 is a matter of publishing its payloads again once the cause is fixed.
 
+With ``influx.confirm_as`` set, the bridge then publishes the ids of the records written to
+``<prefix>/<site>/<agent>/confirm`` (``{"by": name, "records": [...]}``), so that agents
+that wait for it (``mqtt.confirm_by``) know the record is in the store, not only in the broker.
+
+Several bridges can split the load with a shared subscription
+(``subscription: $share/<group>/energy/v1/+/+/+/record``): the broker hands each message to
+one of them. They write the same store and confirm under one ``confirm_as`` name.
+
 Messages arriving within ``batch_window_s`` of each other (up to ``batch_max``) go to
 InfluxDB in one write.
 """
@@ -26,14 +34,19 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from influxdb_client import Point
 
 from agent.clock import sleep_or_stop
 from agent.config import Config, Loaded
 from agent.errors import ConfigError, DeliveryError, RecordError
 from agent.influx import InfluxWriter, WriteRejected, record_to_point
 from agent.mqtt import Message, client_from_config
+from agent.publish import confirm_topic
+from agent.record import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,14 @@ def default_client_id(cfg) -> str:
     return f"energy-bridge-{cfg.site}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
 
 
+@dataclass(frozen=True, slots=True)
+class Converted:
+    point: Point
+    record_id: str
+    confirm_topic: str
+    """Where this record's confirmation goes: <prefix>/<site>/<agent>/confirm."""
+
+
 class Bridge:
     def __init__(self, loaded: Loaded | Config, *, dead_letter_path: Path | str | None = None,
                  batch_max: int = BATCH_MAX, batch_window_s: float = BATCH_WINDOW_S,
@@ -87,6 +108,9 @@ class Bridge:
         self.writer = InfluxWriter.from_config(cfg.influx)
         self.written = 0
         """Points InfluxDB accepted (replays and redeliveries count again)."""
+        self.confirm_as = cfg.influx.confirm_as
+        self.confirmations = 0
+        """Record ids confirmed to their agents."""
         self.dead: Counter[str] = Counter()
         """Dead-lettered messages by kind: 'not JSON', 'not a record', 'wrong topic', 'rejected'."""
         self._failing_since: float | None = None
@@ -113,7 +137,7 @@ class Bridge:
         expected = [rec["site"], rec["agent"], rec["machine"], "record"]
         if levels[-4:] != expected:
             return "wrong topic", f"the record of {'/'.join(expected[:3])} came on {msg.topic!r}"
-        return point
+        return Converted(point, rec["record_id"], confirm_topic(msg.topic))
 
     def _dead_letter(self, msg: Message, kind: str, reason: str) -> None:
         """Append the message to the dead-letter file (OSError if that fails)."""
@@ -185,13 +209,15 @@ class Bridge:
         """Write the points, then acknowledge their messages. False: stopping (nothing more acked)."""
         if not items:
             return True
-        result = await self._write([p for _, p in items], stop)
+        result = await self._write([c.point for _, c in items], stop)
         if result is False:
             return False
         if result is None:
             for msg, _ in items:
                 self.client.ack(msg)
             self.written += len(items)
+            if self.confirm_as:
+                await self._confirm([c for _, c in items])
             return True
         if len(items) == 1:  # InfluxDB refuses this very point
             return await self._reject(items[0][0], "rejected", str(result), stop)
@@ -199,6 +225,20 @@ class Bridge:
             if not await self._deliver([item], stop):
                 return False
         return True
+
+    async def _confirm(self, items: list[Converted]) -> None:
+        """Tell the agents which records their store accepted. A confirmation that does not reach
+        the broker only means the agent publishes the record again later: written again, same point."""
+        by_topic: dict[str, list[str]] = {}
+        for c in items:
+            by_topic.setdefault(c.confirm_topic, []).append(c.record_id)
+        for topic, ids in by_topic.items():
+            try:
+                await self.client.publish(topic, canonical_json({"by": self.confirm_as, "records": ids}), qos=1,
+                                          timeout=5.0)
+                self.confirmations += len(ids)
+            except DeliveryError as exc:
+                log.debug("confirmation of %d records on %s not delivered: %s", len(ids), topic, exc)
 
     async def _handle(self, batch: list[Message], stop: asyncio.Event) -> bool:
         items = []

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from agent import __version__
@@ -54,7 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import Agent
 
     agent = Agent(loaded)
-    return _serve(agent.run)
+    agent.stats_interval_s = args.stats_interval
+    agent.stats_file = Path(args.stats_file) if args.stats_file else None
+    _serve(agent.run)
+    if agent.fatal:
+        print(f"energy-agent: stopped: {agent.fatal}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
@@ -144,14 +151,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ledger = Ledger(path)
     try:
         recs = ledger.records()
+        anchors = ledger.anchors()
     finally:
         ledger.close_sync()
-    problems = verify_chain(recs)
+    problems = verify_chain(recs, anchors)
     for p in problems:
         print(p)
     print(f"{len(recs)} records, {len({r['machine'] for r in recs})} machines: "
           + ("chains intact" if not problems else f"{len(problems)} problems"))
     return 0 if not problems else EXIT_FAILURE
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from agent.replay import command
+
+    return command(args)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -168,6 +182,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"{args.device}: {'OK' if res.ok else f'{len(res.warnings)} warnings'}")
     return 0 if res.ok else EXIT_FAILURE
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from agent import certs
+
+    return certs.run(args)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -192,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run the agent (poll devices, compute job energy, store and publish records)")
     s.add_argument("-c", "--config", required=True)
+    s.add_argument("--stats-interval", type=float, default=None, metavar="S",
+                   help="log polls and meter-poll lateness (p50, p99, max) every S seconds")
+    s.add_argument("--stats-file", default=None, metavar="PATH",
+                   help="write those stats as JSON at every interval and at exit")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("bridge", help="run the MQTT → InfluxDB bridge")
@@ -217,10 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", required=True)
     s.set_defaults(func=cmd_verify)
 
+    s = sub.add_parser("replay", help="recompute archived jobs with the agent's kernels and compare with the ledger")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("--machine")
+    s.add_argument("--since", help="ISO date or time: jobs that started at or after it")
+    s.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a terminal")
+    s.set_defaults(func=cmd_replay)
+
     s = sub.add_parser("probe", help="read one meter or CNC once and show decoded values with plausibility checks")
     s.add_argument("-c", "--config", required=True)
     s.add_argument("device", help="a meter or CNC id from the config")
     s.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("certs", help="create a self-signed OPC UA client certificate and key")
+    from agent import certs
+
+    certs.add_arguments(s)
+    s.set_defaults(func=cmd_certs)
 
     s = sub.add_parser("simulate", help="serve simulated meters and CNCs for a scenario")
     from simulators import serve

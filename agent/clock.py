@@ -58,3 +58,13 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
         return True
     except asyncio.TimeoutError:
         return stop.is_set()
+
+
+async def wait_any(event: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` or ``stop`` is set, or ``seconds`` (real) have passed."""
+    waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

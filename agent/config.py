@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
-from drivers.profile import MeterProfile, NodeMap, format_validation, load_nodemap, load_profile
+from drivers.profile import MeterProfile, NodeMap, NodeRef, format_validation, load_nodemap, load_profile
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -96,6 +96,74 @@ class MeterDevice(_Model):
         return (self.transport, self.host, self.port)
 
 
+def _read_secret(where: str, env: str | None, file: Path | None, base: Path) -> str | None:
+    """A secret from an environment variable or the first line of a file; ConfigError names
+    ``where`` and what is missing, never the secret."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{where}.password_env: environment variable {env} is not set")
+        return value
+    if file:
+        path = file if file.is_absolute() else base / file
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{where}.password_file: cannot read {path}: {exc.strerror}") from None
+        return text.splitlines()[0] if text else ""
+    return None
+
+
+class CncSecurity(_Model):
+    """OPC UA security of one CNC connection (OPC 10000-2/-4: SecurityPolicy, MessageSecurityMode,
+    user identity). Relative paths are taken from the config file's folder; the password lives in
+    an environment variable or a file, never in the YAML, and is never logged."""
+
+    policy: Literal["None", "Basic256Sha256"] = Field("None", description="security policy of the secure channel")
+    mode: Literal["None", "Sign", "SignAndEncrypt"] = Field("None", description="message security mode")
+    certificate: Path | None = Field(None, description="client certificate (.der or .pem); `energy-agent certs` makes one")
+    private_key: Path | None = Field(None, description="the client certificate's private key (.pem or .der)")
+    server_certificate: Path | None = Field(None, description="the server certificate to trust (pinned)")
+    trust_dir: Path | None = Field(None, description="folder of trusted server certificates (or their CAs), .der/.pem")
+    username: str | None = Field(None, description="user name identity; without it the session is anonymous")
+    password_env: str | None = Field(None, description="name of the environment variable holding the password")
+    password_file: Path | None = Field(None, description="file holding the password (first line)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CncSecurity":
+        if (self.policy == "None") != (self.mode == "None"):
+            raise ValueError(f"mode: policy {self.policy} with mode {self.mode} (policy None goes with mode None, "
+                             "Basic256Sha256 with Sign or SignAndEncrypt)")
+        if self.mode != "None":
+            if self.certificate is None:
+                raise ValueError(f"certificate: mode {self.mode} needs a client certificate (and private_key)")
+            if self.private_key is None:
+                raise ValueError(f"private_key: mode {self.mode} needs the client certificate's private key")
+            if self.server_certificate is None and self.trust_dir is None:
+                raise ValueError(f"server_certificate: mode {self.mode} needs server_certificate or trust_dir "
+                                 "to decide whether to trust the server")
+        elif self.server_certificate or self.trust_dir:
+            raise ValueError("server_certificate: a trusted server certificate needs mode Sign or SignAndEncrypt")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("private_key: certificate and private_key go together")
+        if self.password_env and self.password_file:
+            raise ValueError("password_env: password_env and password_file: give one")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("username: a password needs a username")
+        if self.username and not (self.password_env or self.password_file):
+            raise ValueError("username: needs password_env or password_file")
+        return self
+
+    def resolved(self, base: Path) -> "CncSecurity":
+        """A copy with every path made absolute against ``base`` (the config file's folder)."""
+        fields = ("certificate", "private_key", "server_certificate", "trust_dir", "password_file")
+        changes = {f: base / p for f in fields if (p := getattr(self, f)) is not None and not p.is_absolute()}
+        return self.model_copy(update=changes)
+
+    def password(self, where: str = "security", base: Path = Path(".")) -> str | None:
+        return _read_secret(where, self.password_env, self.password_file, base)
+
+
 class CncDevice(_Model):
     id: str = Field(pattern=_ID)
     endpoint: str = Field(pattern=r"^opc\.tcp://", description="opc.tcp://host:port[/path]")
@@ -107,6 +175,10 @@ class CncDevice(_Model):
     timestamps: Literal["source", "received"] = Field(
         "source", description="place changes at the server's SourceTimestamp (clamped to when they were seen) or at receipt"
     )
+    security: CncSecurity = Field(default_factory=CncSecurity, description="OPC UA security (default: policy None)")
+    watchdog_intervals: float = Field(
+        10.0, ge=3, le=1000, description=("publishing intervals without data or keep-alive after which a "
+                                          "subscription counts as lost and the driver reconnects"))
 
 
 class ProgramInfo(_Model):
@@ -152,6 +224,31 @@ class ClockConfig(_Model):
 
 class LedgerConfig(_Model):
     path: Path = Path("var/ledger.db")
+    checkpoint_s: float = Field(5.0, gt=0, le=3600, description=(
+        "real seconds between checkpoints of open jobs (job, states, samples): after a crash or a "
+        "restart the agent resumes them and loses at most this much of their samples"))
+    retention_days: float | None = Field(None, gt=0, description=(
+        "prune delivered records older than this many days (none: keep everything); chain heads "
+        "stay verifiable through per-machine anchors"))
+    hold_max: int = Field(10000, ge=1, description=(
+        "finished jobs held in memory while the ledger refuses writes; beyond it the agent stops "
+        "with an error rather than lose more"))
+
+
+class ArchiveConfig(_Model):
+    """The raw-sample archive: every job's kernel inputs, so ``energy-agent replay`` can
+    recompute its record (docs/ARCHIVE.md)."""
+
+    enabled: bool = Field(True, description="append each recorded job's samples to the archive")
+    path: Path | None = Field(None, description=(
+        "archive folder, one file per machine and UTC day (default: 'archive' beside the ledger)"))
+
+    def folder(self, ledger_path: Path, base: Path) -> Path:
+        """The archive folder: ``path`` (relative to the config's folder), else beside the ledger."""
+        if self.path is None:
+            ledger = ledger_path if ledger_path.is_absolute() else base / ledger_path
+            return ledger.parent / "archive"
+        return self.path if self.path.is_absolute() else base / self.path
 
 
 class MqttTls(_Model):
@@ -180,6 +277,14 @@ class MqttConfig(_Model):
     keepalive_s: int = Field(30, ge=5, le=3600)
     publish_timeout_s: float = Field(10.0, gt=0)
     max_inflight: int = Field(100, ge=1, le=65535)
+    confirm_by: list[str] = Field(default_factory=list, description=(
+        "bridges (their influx.confirm_as names) that must confirm each record after their store "
+        "accepted it; unconfirmed records are published again after resend_after_s. Empty: a "
+        "record is done when the broker acknowledged it"))
+    resend_after_s: float = Field(300.0, gt=0, description="publish an unconfirmed record again after this many seconds")
+    status: bool = Field(True, description=(
+        "retained <prefix>/<site>/<agent>/status (online/offline, also as last will) and "
+        "<prefix>/<site>/<agent>/device/<id>/availability topics"))
 
     @model_validator(mode="after")
     def _secret(self) -> "MqttConfig":
@@ -227,6 +332,9 @@ class InfluxConfig(_Model):
         "energy/v1/+/+/+/record", description="MQTT topic filter the bridge subscribes to"
     )
     client_id: str | None = Field(None, description="bridge MQTT client id (default: energy-bridge-<site>-<hash of the target store>)")
+    confirm_as: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description=(
+        "after the store accepted a record, publish its id to <prefix>/<site>/<agent>/confirm under "
+        "this name (agents list it in mqtt.confirm_by); bridges of one shared subscription use one name"))
 
     @model_validator(mode="after")
     def _target(self) -> "InfluxConfig":
@@ -243,6 +351,7 @@ class Config(_Model):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     clock: ClockConfig = Field(default_factory=ClockConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     emission_factors: dict[str, EmissionFactor]
     meters: list[MeterDevice] = Field(default_factory=list)
     cncs: list[CncDevice] = Field(default_factory=list)
@@ -306,7 +415,9 @@ class Loaded:
         self.base = base
         self.profiles: dict[str, MeterProfile] = {}
         self.nodemaps: dict[str, NodeMap] = {}
-        self.node_ids: dict[str, dict[str, str]] = {}
+        self.node_ids: dict[str, dict[str, NodeRef]] = {}
+        self.security: dict[str, CncSecurity] = {c.id: c.security.resolved(base) for c in config.cncs}
+        """Per CNC, its security with paths made absolute (files are read at connect)."""
         for i, m in enumerate(config.meters):
             try:
                 self.profiles[m.id] = load_profile(m.profile, base)

@@ -18,6 +18,7 @@ computed with what there is and flagged. The tracker never imports a protocol li
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import deque
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from agent import states
+from agent import archive, states
 from agent.energy import JobEnergy, compute_job
 from drivers.profile import NodeMap
 from drivers.reading import Reading
@@ -65,6 +66,8 @@ class FinishedJob:
     bad_samples: int
     median_interval_s: float | None
     flags: tuple[str, ...]
+    inputs: archive.JobInputs | None = None
+    """What the energy kernel received, for the raw-sample archive (None: not captured)."""
 
 
 @dataclass
@@ -118,6 +121,9 @@ class MachineTracker:
         self.meter_ok = True
         self.cnc_ok = True
         self.seen_cnc = False
+        self._last_e, self._last_e_t = math.nan, math.nan  # the last valid counter reading
+        self._ckpt_t = -math.inf  # the newest sample already in a checkpoint
+        self._ckpt_stored = False  # a checkpoint of this machine is stored
 
     # ------------------------------------------------------------------------ state
 
@@ -149,6 +155,8 @@ class MachineTracker:
             self._finish_due(r.t)
             return
         self.meter_ok = True
+        for q, why in r.reasons.items():  # e.g. power_w_implausible, energy_import_kwh_nan
+            self._flag_at(r.t, f"{q}_{why}")
         e = float(r.values.get("energy_import_kwh", math.nan))
         p = float(r.values.get("power_w", math.nan))
         if self.max_power_w and math.isfinite(p) and abs(p) > 1.5 * self.max_power_w:
@@ -158,11 +166,42 @@ class MachineTracker:
         if (math.isnan(e) and math.isnan(p)) or r.t <= self.samples.last_t:
             self._finish_due(r.t)
             return
+        self._check_counter(r.t, e)
         self.samples.append(r.t, e, p)
         if math.isfinite(p):
             self.power = p
         self._update_state(r.t)
         self._finish_due(r.t)
+
+    def _check_counter(self, t: float, e: float) -> None:
+        """Log a counter that went back (not a plausible wrap) or jumped further than the
+        meter's power allows, once per event. The kernel counts the same events in the job's
+        quality and never turns them into energy; this line tells the operator when it happened."""
+        if not math.isfinite(e):
+            return
+        d, dt = e - self._last_e, t - self._last_e_t
+        self._last_e, self._last_e_t = e, t
+        if not math.isfinite(d):
+            return
+        limit = 1.5 * self.max_power_w * dt / 3.6e6 if self.max_power_w else math.inf
+        if d < 0:
+            wrapped = d + self.rollover_kwh
+            plausible = wrapped <= limit if self.max_power_w else wrapped <= 0.01 * self.rollover_kwh
+            if not (self.rollover_kwh and wrapped >= 0 and plausible):
+                log.warning("machine %s: meter energy counter went back from %.6f to %.6f kWh (reset?); "
+                            "that interval is not counted as energy", self.machine, e - d, e)
+        elif d > limit:
+            log.warning("machine %s: meter energy counter jumped by %.6f kWh in %.1f s (more than 1.5 x "
+                        "max_power_w %g W could use); that interval is not counted as energy",
+                        self.machine, d, dt, self.max_power_w)
+
+    def _flag_at(self, t: float, flag: str) -> None:
+        """Flag the jobs whose window holds instant t (the open one, and those waiting to close)."""
+        if self.open is not None and t >= self.open.start:
+            self.open.flags.add(flag)
+        for e in self.ending:
+            if e.info.start <= t <= e.end:
+                e.info.flags.add(flag)
 
     # ------------------------------------------------------------------------ CNC
 
@@ -291,13 +330,19 @@ class MachineTracker:
         inside = t[lo:hi]
         median = float(np.median(np.diff(inside))) if len(inside) > 1 else None
         bad = sum(1 for b in self.bad_times if e.info.start <= b <= e.end)
+        if energy.counter_resets:  # in the job's own flags: archived, so a replay agrees
+            e.info.flags.add("counter_reset")
+        if energy.counter_jumps:
+            e.info.flags.add("counter_jump")
         flags = set(e.info.flags)
         if energy.estimated_kwh > 0:
             flags.add("estimated_energy")
         if energy.coverage < 1.0:
             flags.add("incomplete_coverage")
+        inputs = archive.capture(t, en, p, st_t, st_s, e.info.start, e.end, self.max_gap_s, self.rollover_kwh,
+                                 self.max_power_w, self.bad_times, e.info.flags)
         return FinishedJob(self.machine, e.info, e.end, e.end_wall, e.reason, e.parts, energy,
-                           int(hi - lo), bad, median, tuple(sorted(flags)))
+                           int(hi - lo), bad, median, tuple(sorted(flags)), inputs)
 
     def _trim(self) -> None:
         starts = [e.info.start for e in self.ending]
@@ -305,6 +350,83 @@ class MachineTracker:
             starts.append(self.open.start)
         keep = min(starts) if starts else self.samples.last_t - self.lookback_s
         self.samples.trim_before(keep)
-        self.timeline.trim_before(keep)
+        # The state timeline must cover the first kept sample too (it may lie before ``keep``):
+        # the kernel needs the state at the start of the interval that contains the job start.
+        first = float(self.samples.t[0]) if len(self.samples) else keep
+        self.timeline.trim_before(min(keep, first))
         while self.bad_times and self.bad_times[0] < keep:
             self.bad_times.popleft()
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, wall_of) -> tuple[str | None, list[tuple[float, float, float]], float] | None:
+        """What to store so that a restarted agent can resume this machine's open jobs.
+
+        Returns None when nothing changed since the last checkpoint; else (body, new samples,
+        keep_from): ``body`` the JSON of the open and ending jobs and the state timeline (None
+        when no job is open: forget the stored one), the samples taken since the last
+        checkpoint as (wall t, e, p), and the wall time before which stored samples are not
+        needed any more. ``wall_of`` maps monotonic to wall seconds. Times are stored as wall
+        time because the monotonic clock starts anew with the process.
+        """
+        t, e, p = self.samples.view()
+        if self.open is None and not self.ending:
+            if not self._ckpt_stored:
+                return None
+            self._ckpt_stored = False
+            self._ckpt_t = -math.inf
+            return None, [], 0.0
+        new = np.searchsorted(t, self._ckpt_t, side="right")
+        rows = [(wall_of(float(t[k])), float(e[k]), float(p[k])) for k in range(int(new), len(t))]
+        st_t, st_s = self.timeline.view()
+
+        def job(info: JobInfo) -> dict:
+            d = {k: getattr(info, k) for k in ("key", "key_point", "job_id", "program", "product", "serial",
+                                               "subassembly", "parts_start")}
+            return {**d, "start": wall_of(info.start), "start_wall": info.start_wall, "flags": sorted(info.flags)}
+
+        body = {
+            "open": None if self.open is None else job(self.open),
+            "ending": [{"info": job(x.info), "end": wall_of(x.end), "end_wall": x.end_wall, "reason": x.reason,
+                        "parts": x.parts} for x in self.ending],
+            "timeline": [[wall_of(float(a)), int(b)] for a, b in zip(st_t, st_s)],
+            "bad_times": [wall_of(b) for b in self.bad_times],
+            "parts": self.parts,
+        }
+        if len(t):
+            self._ckpt_t = float(t[-1])
+        self._ckpt_stored = True
+        return json.dumps(body), rows, wall_of(float(t[0])) if len(t) else 0.0
+
+    def restore(self, body: dict, rows: list[tuple[float, float, float]], mono_of, now: float) -> None:
+        """Resume from a checkpoint written by a previous run (``mono_of`` maps wall to
+        monotonic seconds of this run). Resumed jobs carry the flag ``resumed_after_restart``;
+        the counter delta across the outage is measured energy, and the outage shows as a gap
+        in the record's quality (gap_count, longest_gap_s)."""
+
+        def job(d: dict) -> JobInfo:
+            info = JobInfo(key=d["key"], key_point=d["key_point"], start=mono_of(d["start"]),
+                           start_wall=d["start_wall"], job_id=d["job_id"], program=d["program"],
+                           product=d["product"], serial=d["serial"], subassembly=d["subassembly"],
+                           parts_start=d["parts_start"], flags=set(d["flags"]))
+            info.flags.add("resumed_after_restart")
+            return info
+
+        for wall_t, e, p in rows:
+            t = mono_of(wall_t)
+            if t > self.samples.last_t:
+                self.samples.append(t, e, p)
+                if math.isfinite(p):
+                    self.power = p
+        for wall_t, code in body.get("timeline", []):
+            self.timeline.append(mono_of(wall_t), int(code))
+        self.bad_times.extend(mono_of(b) for b in body.get("bad_times", []))
+        self.parts = body.get("parts")
+        if body.get("open"):
+            self.open = job(body["open"])
+        for x in body.get("ending", []):
+            end = mono_of(x["end"])
+            self.ending.append(_Ending(job(x["info"]), end, x["end_wall"], x["reason"], x["parts"],
+                                       max(end, now) + self.close_timeout_s))
+        self._ckpt_t = self.samples.last_t
+        self._ckpt_stored = True

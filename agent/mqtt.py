@@ -123,6 +123,8 @@ class MqttClient:
         self._flapping = False
         self._last_error = "not connected yet"
         self.reconnects = 0
+        self.connections = 0
+        """Connections made so far (CONNACKs): watch it to act once per new connection."""
         self.session_present = False
 
     # ------------------------------------------------------------ paho thread → loop
@@ -167,6 +169,7 @@ class MqttClient:
 
     def _on_up(self, session_present: bool) -> None:
         self.session_present = session_present
+        self.connections += 1
         if not self._ever_connected:
             log.info("%s: connected (session present: %s)", self.where, session_present)
         elif self._down_since is not None:
@@ -364,6 +367,50 @@ class MqttClient:
         finally:
             if self._pending.get(info.mid) is fut:
                 del self._pending[info.mid]
+
+    async def publish_many(self, items: list[tuple[str, bytes]], qos: int = 1,
+                           timeout: float = 10.0) -> list[DeliveryError | None]:
+        """Publish many messages at once and wait for all their acknowledgements together (one
+        wait, not one per message: the outbox drain after an outage). Per message: None when the
+        broker acknowledged it, else the DeliveryError (not connected, refused, lost connection,
+        nothing within ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        slots: list[asyncio.Future | DeliveryError] = []
+        for topic, payload in items:
+            if not self.connected:
+                slots.append(DeliveryError(f"{self.where}: publish to {topic}: not connected ({self._last_error})"))
+                continue
+            try:
+                info = self._c.publish(topic, payload, qos=qos)
+            except (ValueError, TypeError) as exc:
+                slots.append(DeliveryError(f"{self.where}: publish to {topic!r}: {exc}"))
+                continue
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                slots.append(DeliveryError(f"{self.where}: publish to {topic}: {paho.error_string(info.rc)}"))
+                continue
+            fut = loop.create_future()
+            if qos == 0:
+                fut.set_result(None)
+            else:
+                self._pending[info.mid] = fut
+            slots.append(fut)
+        waiting = [f for f in slots if isinstance(f, asyncio.Future)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        out: list[DeliveryError | None] = []
+        for slot in slots:
+            if isinstance(slot, DeliveryError):
+                out.append(slot)
+            elif not slot.done():
+                slot.cancel()
+                out.append(DeliveryError(f"{self.where}: no acknowledgement within {timeout:g} s "
+                                         f"({'connected' if self.connected else self._last_error})"))
+            else:
+                exc = slot.exception()
+                out.append(exc if isinstance(exc, DeliveryError) or exc is None else DeliveryError(str(exc)))
+        if any(not f.done() or f.cancelled() for f in waiting):
+            self._pending = {mid: f for mid, f in self._pending.items() if not f.done()}
+        return out
 
     async def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 10.0) -> None:
         """Subscribe (kept, and issued again on every reconnect).

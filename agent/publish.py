@@ -4,17 +4,26 @@ The ledger is the queue: while the broker or the network is down nothing is lost
 simply stay unsent, and on reconnect the outbox is drained oldest first with many messages in
 flight at once (not one round trip per record). A record published twice (PUBACK lost, agent
 killed after sending) is harmless: its record id and its InfluxDB point are the same.
+
+A PUBACK only says the broker has the record. A broker that loses its store (a restart with
+fresh persistence, a disk swap) loses what it held for an offline bridge. With
+``confirm_by`` the agent therefore waits for the bridges' own confirmations (published after
+their store accepted the point, see ``agent.bridge``): a record sent but not confirmed within
+``resend_after_s`` is published again, and all of them at once when the broker comes back
+without our session (its store is new).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 
+from agent.clock import wait_any
 from agent.errors import DeliveryError
 from agent.ledger import Ledger
 from agent.mqtt import MqttClient
-from agent.record import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +32,43 @@ def record_topic(prefix: str, record: dict) -> str:
     return f"{prefix}/{record['site']}/{record['agent']}/{record['machine']}/record"
 
 
+def confirm_topic(record_topic_: str) -> str:
+    """<prefix>/<site>/<agent>/confirm for a record's topic <prefix>/<site>/<agent>/<machine>/record."""
+    return record_topic_.rsplit("/", 2)[0] + "/confirm"
+
+
+def parse_confirmation(payload: bytes) -> tuple[str, list[str]]:
+    """(by, record ids) of a confirmation message; ValueError when it is not one."""
+    try:
+        msg = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("by"), str) or not isinstance(msg.get("records"), list):
+        raise ValueError("expected {\"by\": name, \"records\": [record ids]}")
+    ids = msg["records"]
+    if not all(isinstance(r, str) and 0 < len(r) <= 200 for r in ids):
+        raise ValueError("records must be record id strings")
+    return msg["by"], ids
+
+
 class Publisher:
     def __init__(self, ledger: Ledger, client: MqttClient, *, topic_prefix: str, max_inflight: int = 100,
-                 publish_timeout_s: float = 10.0, batch: int = 500, retry_max_s: float = 30.0):
+                 publish_timeout_s: float = 10.0, batch: int = 500, retry_max_s: float = 30.0,
+                 confirm_by: frozenset[str] = frozenset(), resend_after_s: float = 300.0,
+                 confirm_topic: str | None = None):
         self.ledger = ledger
         self.client = client
         self.prefix = topic_prefix
+        self.confirm_by = frozenset(confirm_by)
+        self.resend_after_s = resend_after_s
+        self.confirm_topic = confirm_topic
+        if self.confirm_by and not confirm_topic:
+            raise ValueError("confirm_by needs the confirm topic")
+        self._base: str | None = None
+        self.confirmed = 0
+        self.resent = 0
+        self._connections = 0
+        self._bad_confirmations = 0
         self.max_inflight = max_inflight
         self.timeout = publish_timeout_s
         self.batch = batch
@@ -40,16 +80,21 @@ class Publisher:
         """A record was committed: drain now rather than at the next periodic check."""
         self._wake.set()
 
-    async def _send(self, rows: list[tuple[int, dict]]) -> tuple[list[int], Exception | None]:
-        sem = asyncio.Semaphore(self.max_inflight)
+    def _topic(self, machine: str, body: str) -> str:
+        """The record topic; site and agent read once from a record (they are this agent's)."""
+        if self._base is None:
+            rec = json.loads(body)
+            self._base = f"{self.prefix}/{rec['site']}/{rec['agent']}"
+        return f"{self._base}/{machine}/record"
 
-        async def one(rec: dict) -> None:
-            async with sem:
-                await self.client.publish(record_topic(self.prefix, rec), canonical_json(rec), qos=1,
-                                          timeout=self.timeout)
-
-        results = await asyncio.gather(*(one(rec) for _, rec in rows), return_exceptions=True)
-        ok = [rid for (rid, _), res in zip(rows, results) if res is None]
+    async def _send(self, rows: list[tuple[int, str, str]]) -> tuple[list[int], Exception | None]:
+        # The stored canonical JSON goes out as it is (no re-encoding); paho keeps max_inflight
+        # on the wire and queues the rest, and the whole batch is awaited at once. The timeout
+        # grows with the batch: a slow link needs time for many round trips of max_inflight.
+        items = [(self._topic(m, b), b.encode()) for _, m, b in rows]
+        timeout = self.timeout * max(1.0, len(items) / self.max_inflight)
+        results = await self.client.publish_many(items, qos=1, timeout=timeout)
+        ok = [rid for (rid, _, _), res in zip(rows, results) if res is None]
         errors = [res for res in results if isinstance(res, BaseException)]
         return ok, (errors[0] if errors else None)
 
@@ -60,11 +105,63 @@ class Publisher:
             except DeliveryError:
                 pass
 
+    async def _new_connection(self) -> None:
+        """Once per (re)connection: a broker without our session has a new store, so whatever it
+        acknowledged but no bridge confirmed may be gone: publish it again now."""
+        self._connections = self.client.connections
+        if self.confirm_by and not self.client.session_present:
+            n = await self.ledger.resend_unconfirmed()
+            if n:
+                self.resent += n
+                log.warning("the broker has no session of ours (new or wiped store): publishing %d sent but "
+                            "unconfirmed records again", n)
+
+    async def _confirmations(self, stop: asyncio.Event) -> None:
+        """Store the bridges' confirmations (the topic is subscribed on every connection)."""
+        assert self.confirm_topic is not None
+        try:
+            await self.client.subscribe(self.confirm_topic, qos=1)
+        except DeliveryError as exc:  # kept by the client and issued again on every reconnect
+            if self.client.connected:
+                log.error("cannot subscribe to confirmations on %s: %s", self.confirm_topic, exc)
+        while not stop.is_set():
+            msg = await self.client.next_message(timeout=0.5)
+            if msg is None:
+                continue
+            try:
+                by, ids = parse_confirmation(msg.payload)
+            except ValueError as exc:
+                if not self._bad_confirmations:
+                    log.warning("ignoring a malformed confirmation on %s: %s (further ones are counted)",
+                                msg.topic, exc)
+                self._bad_confirmations += 1
+                continue
+            if by not in self.confirm_by:
+                continue  # a bridge this agent does not wait for
+            try:
+                self.confirmed += await self.ledger.confirm(ids, by, self.confirm_by)
+            except Exception as exc:  # noqa: BLE001 - the record is then simply published again later
+                log.error("cannot store confirmations from %s: %s", by, exc)
+
     async def run(self, stop: asyncio.Event) -> None:
+        listener = None
+        if self.confirm_by:
+            listener = asyncio.create_task(self._confirmations(stop), name="confirmations")
+        try:
+            await self._drain(stop)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+
+    async def _drain(self, stop: asyncio.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
             self._wake.clear()
-            rows = await self.ledger.outbox(self.batch)
+            if self.client.connected and self.client.connections != self._connections:
+                await self._new_connection()
+            resend_before = time.time() - self.resend_after_s if self.confirm_by else None
+            rows = await self.ledger.outbox_due(self.batch, resend_before)
             if rows:
                 ok, err = await self._send(rows)
                 await self.ledger.mark_sent(ok)
@@ -80,11 +177,5 @@ class Publisher:
                 backoff = min(self.retry_max_s, max(0.5, backoff * 2))
                 wait = backoff
             else:
-                wait = 5.0
-            waker = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({waker, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waker.cancel()
-                stopper.cancel()
+                wait = min(5.0, self.resend_after_s / 4) if self.confirm_by else 5.0
+            await wait_any(self._wake, stop, wait)

@@ -23,7 +23,7 @@ from agent.errors import RecordError
 
 SCHEMA = "energy-agent.job-record/1"
 GENESIS = "0" * 64
-KERNEL = "job_energy/1"
+KERNEL = "job_energy/2"
 ALLOCATION = "direct"
 """Energy metered inside the job window is the job's; idle time between jobs is not allocated."""
 
@@ -211,15 +211,20 @@ def build(*, site: str, agent: str, seq: int, prev_hash: str, job: Any, factor_i
 # --------------------------------------------------------------------------- verification
 
 
-def verify_chain(records: Iterable[dict]) -> list[str]:
-    """Problems found in per-machine chains (records in any order); empty when intact."""
+def verify_chain(records: Iterable[dict], anchors: dict[str, tuple[int, str]] | None = None) -> list[str]:
+    """Problems found in per-machine chains (records in any order); empty when intact.
+
+    ``anchors`` (machine -> (seq, hash) of its last pruned record, see ``Ledger.anchors``) is
+    where a pruned chain now begins: its first remaining record must follow that one.
+    """
     problems: list[str] = []
+    anchors = anchors or {}
     by_machine: dict[str, list[dict]] = {}
     for r in records:
         by_machine.setdefault(r.get("machine", "?"), []).append(r)
     for machine, recs in sorted(by_machine.items()):
         recs.sort(key=lambda r: r.get("seq", 0))
-        prev, prev_seq = None, None
+        prev_seq, prev = anchors.get(machine, (None, None))
         for r in recs:
             rid = r.get("record_id", "?")
             if r.get("schema") != SCHEMA:
@@ -228,7 +233,9 @@ def verify_chain(records: Iterable[dict]) -> list[str]:
             if record_hash(r) != r.get("hash"):
                 problems.append(f"{machine} seq {r['seq']} ({rid}): hash does not match the content")
             if prev is None:
-                if r["seq"] == 1 and r["prev_hash"] != GENESIS:
+                if r["seq"] != 1:
+                    problems.append(f"{machine}: seq 1..{r['seq'] - 1} missing (and no prune anchor)")
+                elif r["prev_hash"] != GENESIS:
                     problems.append(f"{machine} seq 1 ({rid}): first record must chain to the genesis hash")
             else:
                 if r["seq"] != prev_seq + 1:

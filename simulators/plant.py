@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from simulators.services import free_port, stop_process
+from simulators.services import free_port, signal_group, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "config" / "demo.yaml"
@@ -32,6 +33,15 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    offset: int = 0
+    """Where this run's output begins in the log (a restarted process appends to it)."""
+    stopped: bool = False
+    """Stopped or killed on purpose: its exit is no failure of the run."""
+
+    def output(self) -> str:
+        with open(self.log, "rb") as fh:
+            fh.seek(self.offset)
+            return fh.read().decode(errors="replace")
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -43,6 +53,7 @@ class Proc:
             return ""
 
     def stop(self, timeout: float = 15.0) -> int | None:
+        self.stopped = True
         return stop_process(self.popen, timeout)
 
 
@@ -55,6 +66,8 @@ class PlantRun:
     scenario_path: Path = DEMO_SCENARIO
     lead_s: float = 6.0
     """Real seconds between start-up and the scenario's time zero (simulators and agent connect)."""
+    overrides: dict = field(default_factory=dict)
+    """Config sections merged into the agent's config, e.g. ``{"ledger": {"checkpoint_s": 1}}``."""
     procs: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -76,9 +89,12 @@ class PlantRun:
             m["port"] = self.modbus_port
         for c in cfg["cncs"]:
             c["endpoint"] = f"opc.tcp://127.0.0.1:{self.opcua_port}"
-        cfg["mqtt"] = {"host": "127.0.0.1", "port": self.mqtt_port}
+        # Every bridge confirms what its store accepted; the agent waits for all of them.
+        cfg["mqtt"] = {"host": "127.0.0.1", "port": self.mqtt_port, "confirm_by": sorted(self.stores)}
         if store is not None:
             cfg["influx"] = copy.deepcopy(store)
+        for section, values in self.overrides.items():
+            cfg[section] = {**cfg.get(section, {}), **values}
         return cfg
 
     def _write(self, name: str, data: dict) -> Path:
@@ -90,19 +106,20 @@ class PlantRun:
 
     def _spawn(self, name: str, *args: str, env: dict | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
-        fh = open(log, "wb")
+        fh = open(log, "ab")
+        offset = fh.tell()
         popen = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True,
                                  env={**os.environ, **(env or {})})
         fh.close()
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, offset)
         self.procs.append(proc)
         return proc
 
     def _wait_log(self, proc: Proc, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in proc.log.read_text(errors="replace"):
+            if text in proc.output():
                 return
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
@@ -116,14 +133,8 @@ class PlantRun:
         anchor_iso = datetime.fromtimestamp(self.anchor, timezone.utc).isoformat()
         sim = self._spawn("simulate", "simulate", str(self.scenario_path), "--modbus-port", str(self.modbus_port),
                           "--opcua-port", str(self.opcua_port), "--anchor", anchor_iso)
-        bridges = []
-        for name, store in self.stores.items():
-            store = {"client_id": f"energy-bridge-{name}", **store}  # one MQTT session per bridge
-            path = self._write(f"bridge-{name}.yaml", self.agent_config(store))
-            env = {store["token_env"]: "demo-token"} if store.get("token_env") else None
-            bridges.append(self._spawn(f"bridge-{name}", "--log-level", "INFO", "bridge", "-c", str(path), env=env))
-        agent_cfg = self._write("plant.yaml", self.agent_config(next(iter(self.stores.values()), None)))
-        agent = self._spawn("agent", "--log-level", "INFO", "run", "-c", str(agent_cfg))
+        bridges = [self.start_bridge(name) for name in self.stores]
+        agent = self.start_agent()
         self._wait_log(sim, "simulators ready", 30)
         for bridge in bridges:
             self._wait_log(bridge, "bridge running", 30)
@@ -132,6 +143,33 @@ class PlantRun:
         if time.time() > self.anchor + first_job / self.speed:
             raise RuntimeError(f"start-up took longer than the scenario's lead-in ({self.lead_s:g} s + first job "
                                f"at {first_job:g} s): the agent would join a job already running")
+
+    def start_bridge(self, name: str) -> Proc:
+        """Start (or start again, after a stop or kill) the bridge to store ``name``."""
+        # One MQTT session per bridge, and each confirms under its own name.
+        store = {"client_id": f"energy-bridge-{name}", "confirm_as": name, **self.stores[name]}
+        path = self._write(f"bridge-{name}.yaml", self.agent_config(store))
+        env = {store["token_env"]: "demo-token"} if store.get("token_env") else None
+        return self._spawn(f"bridge-{name}", "--log-level", "INFO", "bridge", "-c", str(path), env=env)
+
+    def start_agent(self) -> Proc:
+        """Start (or start again, on the same ledger) the agent."""
+        agent_cfg = self._write("plant.yaml", self.agent_config(next(iter(self.stores.values()), None)))
+        return self._spawn("agent", "--log-level", "INFO", "run", "-c", str(agent_cfg))
+
+    def proc(self, name: str) -> Proc:
+        """The latest process started under ``name``."""
+        return next(p for p in reversed(self.procs) if p.name == name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process by its id: a crash, no clean shutdown."""
+        proc = self.proc(name)
+        proc.stopped = True
+        signal_group(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait(10)
+
+    def wait_log(self, name: str, text: str, timeout: float) -> None:
+        self._wait_log(self.proc(name), text, timeout)
 
     def profiles(self) -> dict[str, str]:
         """Machine id -> the profile name of its meter (for counter resolution)."""
@@ -146,6 +184,8 @@ class PlantRun:
 
     def check_alive(self) -> None:
         for p in self.procs:
+            if p.stopped:
+                continue  # stopped or killed on purpose
             if not p.alive():
                 raise RuntimeError(f"{p.name} exited ({p.popen.returncode}):\n{p.tail()}")
 
@@ -168,9 +208,13 @@ class PlantRun:
         return json.loads(out.stdout)
 
     def stop(self) -> dict[str, int | None]:
-        codes = {}
+        """Stop every process started (latest first); the exit code of each name's latest run."""
+        codes: dict[str, int | None] = {}
         for p in reversed(self.procs):
-            codes[p.name] = p.stop()
+            on_purpose = p.stopped
+            code = p.stop()
+            if not on_purpose:
+                codes[p.name] = code
         return codes
 
     def __enter__(self) -> "PlantRun":

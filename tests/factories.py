@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from agent import record, states
 from agent.config import Calibration, EmissionFactor, MeterDevice
 from agent.energy import JobEnergy
@@ -47,3 +50,16 @@ async def fill(ledger, machine: str, n: int, *, first: int = 1, spacing_s: float
         out.append(await ledger.append(machine, lambda seq, prev, i=i: build(
             seq, prev, machine=machine, key=f"J-{i}", start_wall=T0 + spacing_s * i, kwh=0.5 + i / 10, **kw)))
     return out
+
+
+async def until(cond, timeout: float, what: str):
+    """Poll ``cond`` (a function, maybe returning an awaitable) until truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)

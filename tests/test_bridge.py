@@ -417,7 +417,17 @@ def _mutations(rec: dict) -> list[bytes]:
     for path, value in [("energy.kwh", "1.5"), ("energy.kwh", None), ("start", "yesterday"), ("seq", 1.5),
                         ("machine", 7), ("quality.gap_count", "0"), ("energy.by_state", []), ("hash", None),
                         ("emissions.kgco2e", True), ("job", "J-1"), ("end", 12345), ("seq", 2**70),
-                        ("start", "0001-01-01T00:00:00.000000Z")]:
+                        ("start", "0001-01-01T00:00:00.000000Z"),
+                        # wrong types, nulls and empty values, one field at a time
+                        ("site", None), ("site", ""), ("agent", 5), ("machine", ""), ("record_id", 123),
+                        ("record_id", None), ("job.job_id", 7), ("job.program", ["O1"]), ("job.serial", {"a": 1}),
+                        ("energy.by_state.processing", "9"), ("energy.by_state.setup", None),
+                        ("energy.by_state", {}), ("energy.estimated_kwh", "0"), ("energy.kwh", [1.0]),
+                        ("energy.method", 1), ("emissions.factor.value", "0.5"), ("emissions.factor.id", 3),
+                        ("emissions.factor", None), ("emissions", []), ("duration_s", "330"),
+                        ("quality.coverage", None), ("quality.longest_gap_s", "2.5"),
+                        ("quality.counter_resets", 0.5), ("quality", "ok"), ("hash", 12), ("end", None),
+                        ("start", None), ("start", "2026-13-45T99:00:00Z"), ("seq", "1")]:
         r = json.loads(json.dumps(rec))
         cur = r
         *parents, last = path.split(".")
@@ -426,8 +436,12 @@ def _mutations(rec: dict) -> list[bytes]:
         cur[last] = value
         out.append(json.dumps(r).encode())
     r = json.loads(json.dumps(rec))
-    del r["energy"]
+    r["job"]["job_id"] = r["job"]["key"] = None  # no identifier at all
     out.append(json.dumps(r).encode())
+    for field in ("energy", "site", "quality", "emissions", "record_id", "start"):  # missing fields
+        r = json.loads(json.dumps(rec))
+        del r[field]
+        out.append(json.dumps(r).encode())
     r = json.loads(json.dumps(rec))
     r["energy"]["kwh"] = float("inf")
     out.append(json.dumps(r).encode())  # Python writes Infinity, which json.loads reads back
@@ -441,6 +455,7 @@ async def test_bridge_dead_letters_malformed_payloads_and_keeps_working(tmp_path
                                                        "client_id": "bridge-fuzz-test"})
     good = make_records(3, machine="fz")
     bad = MALFORMED + _mutations(good[0]) + [b"x" * 300_000]
+    assert len(bad) + 1 >= 50  # the +1: a valid record on the wrong topic
     dl = tmp_path / "dead" / "letters.jsonl"
     async with Running(Bridge(loaded, dead_letter_path=dl)) as bridge:
         c = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="fuzzer", clean_start=True)

@@ -208,3 +208,26 @@ def test_state_timeline_orders_late_changes():
     assert list(t) == [1.0, 4.5, 5.0] and list(s[:2]) == [2, 3]
     assert tl.append(4.5, 4) and tl.state_at(4.7) == 4  # same instant: the latest state wins
     assert tl.state_at(0.0) == 2 and tl.state_at(10.0) == int(s[2])
+
+
+def test_back_to_back_jobs_in_different_states_add_up_to_the_counter():
+    """The second job's first interval starts before it, in the first job's state: trimming the
+    buffers after the first job must keep that state, or the step model turns into a ramp and
+    the two jobs no longer add up to the counter delta."""
+    pl = Plant()
+    pl.run_to(3)
+    pl.cnc(3.5, **snapshot(PROCESSING, job_id="J1", program="O1"))
+    pl.run_to(10, p=6000.0)
+    pl.cnc(10.5, **snapshot(SETUP, job_id="J2", program="O2"))
+    pl.run_to(20, p=2000.0)
+    pl.cnc(20.5, **snapshot(IDLE, program=""))
+    pl.run_to(25, p=1000.0)
+    j1, j2 = pl.jobs
+    # Meter: 1 kW to t=3, 6 kW over (3, 10], 2 kW over (10, 20], 1 kW after. Step model at the
+    # state changes: (3, 4] gives J1 6000 * 3000/3500 W s; (10, 11] splits its 2000 W s as
+    # 6000 * 0.5 : 2000 * 0.5, J1 1500 and J2 500; (20, 21] splits its 1000 W s as
+    # 2000 * 0.5 : 1000 * 0.5, J2 1000 * 1000/1500.
+    j1_ws = 6000 * 3000 / 3500 + 6000 * 6 + 1500
+    j2_ws = 500 + 2000 * 9 + 1000 * 1000 / 1500
+    assert j1.energy.kwh == pytest.approx(j1_ws / 3.6e6, rel=1e-9)
+    assert j2.energy.kwh == pytest.approx(j2_ws / 3.6e6, rel=1e-9)

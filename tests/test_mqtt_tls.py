@@ -8,6 +8,7 @@ import datetime as dt
 import ipaddress
 import logging
 import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -139,15 +140,47 @@ async def test_acl_confines_an_agent_to_its_own_prefix(tmp_path):
     passwd, acl = tmp_path / "passwd", tmp_path / "acl"
     subprocess.run([require("mosquitto_passwd"), "-c", "-b", str(passwd), "gw-1", PASSWORD], check=True,
                    capture_output=True)
-    acl.write_text("user gw-1\ntopic write energy/v1/plant-a/gw-1/+/record\n")
+    conf = (Path(__file__).resolve().parents[1] / "deploy" / "mosquitto.conf").read_text()
+    block = conf.split("#   /etc/mosquitto/acl")[1].split("\n", 1)[1].split("#     user energy-bridge")[0]
+    subprocess.run([require("mosquitto_passwd"), "-b", str(passwd), "watcher", PASSWORD], check=True,
+                   capture_output=True)
+    # The documented lines, as is, and a watcher that sees what the broker lets through.
+    acl.write_text("".join(line[6:] + "\n" for line in block.splitlines()) + "user watcher\ntopic read #\n")
     broker = Mosquitto(extra=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
     broker.start(tmp_path / "broker")
     c = MqttClient(host="127.0.0.1", port=broker.port, client_id="gw-1", username="gw-1", password=PASSWORD)
+    watcher = MqttClient(host="127.0.0.1", port=broker.port, client_id="watcher", username="watcher",
+                         password=PASSWORD, clean_start=True)
     try:
+        await watcher.connect(5)
+        await watcher.subscribe("energy/#")
         await c.connect(5)
         await c.publish("energy/v1/plant-a/gw-1/m1/record", b"{}")  # its own prefix: accepted
-        with pytest.raises(DeliveryError, match="refused|[Nn]ot authori[sz]ed"):
-            await c.publish("energy/v1/plant-a/gw-2/m1/record", b"{}", timeout=5)  # someone else's
+        await c.publish("energy/v1/plant-a/gw-1/status", b"{}", retain=True)
+        await c.publish("energy/v1/plant-a/gw-1/device/pm-1/availability", b"{}", retain=True)
+        await c.subscribe("energy/v1/plant-a/gw-1/confirm")
+        # Only bridges confirm, and another agent's prefix is not ours. Mosquitto answers a
+        # denied publish with a failing PUBACK or, now and then, drops the connection: either
+        # way it is not acknowledged, and the broker's log says it denied it.
+        for denied in ("energy/v1/plant-a/gw-1/confirm", "energy/v1/plant-a/gw-2/m1/record"):
+            await c.wait_connected(15)
+            with pytest.raises(DeliveryError, match="refused|[Nn]ot authori[sz]ed|connection lost"):
+                await c.publish(denied, b"{}", timeout=5)
+        for _ in range(5):  # a marker: everything before it has reached the watcher (retried: the
+            await c.wait_connected(15)  # broker may drop the connection after a denied publish)
+            try:
+                await c.publish("energy/v1/plant-a/gw-1/m2/record", b"{}")
+                break
+            except DeliveryError:
+                continue
+        seen = set()
+        while (m := await watcher.next_message(timeout=5)) is not None:
+            seen.add(m.topic)
+            if m.topic.endswith("/m2/record"):
+                break
+        assert seen == {"energy/v1/plant-a/gw-1/m1/record", "energy/v1/plant-a/gw-1/status",
+                        "energy/v1/plant-a/gw-1/device/pm-1/availability", "energy/v1/plant-a/gw-1/m2/record"}
     finally:
+        await watcher.close()
         await c.close()
         broker.stop()
