@@ -276,7 +276,8 @@ class MqttConfig(_Model):
     topic_prefix: str = Field("energy/v1", description="records go to <prefix>/<site>/<agent>/<machine>/record")
     keepalive_s: int = Field(30, ge=5, le=3600)
     publish_timeout_s: float = Field(10.0, gt=0)
-    max_inflight: int = Field(100, ge=1, le=65535)
+    max_inflight: int = Field(1000, ge=1, le=65535, description=(
+        "QoS 1 messages on the wire at once: the outbox drain after an outage is bounded by it"))
     confirm_by: list[str] = Field(default_factory=list, description=(
         "bridges (their influx.confirm_as names) that must confirm each record after their store "
         "accepted it; unconfirmed records are published again after resend_after_s. Empty: a "

@@ -1,6 +1,6 @@
 """A small asyncio adapter over paho-mqtt 2.x (paho's own network thread, no aiomqtt).
 
-paho's thread hands every event to the event loop with ``call_soon_threadsafe``; all state
+paho's thread hands its events to the event loop (``call_soon_threadsafe``, once per burst); all state
 lives on the loop side. Nothing from paho crosses this module: failures become
 :class:`DeliveryError`.
 
@@ -28,6 +28,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 
@@ -107,6 +108,9 @@ class MqttClient:
         self._c.on_subscribe = self._cb_subscribe
         self._c.on_message = self._cb_message
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: list[tuple] = []
+        self._events_lock = threading.Lock()
+        self._wake_pending = False
         self._connected = asyncio.Event()
         self._refused = asyncio.Event()
         self._pending: dict[int, asyncio.Future] = {}
@@ -130,13 +134,31 @@ class MqttClient:
     # ------------------------------------------------------------ paho thread → loop
 
     def _post(self, fn, *args) -> None:
+        """Queue an event for the loop, in order. Events arriving in a burst (a PUBACK per
+        record while the outbox drains, a message per record in the bridge) wake the loop once,
+        not once each: the loop runs them all in one callback."""
         loop = self._loop
         if loop is None:
             return
+        with self._events_lock:
+            self._events.append((fn, args))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
         try:
-            loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(self._run_events)
         except RuntimeError:  # the loop was closed under us (interpreter shutting down)
             pass
+
+    def _run_events(self) -> None:
+        with self._events_lock:
+            events, self._events = self._events, []
+            self._wake_pending = False
+        for fn, args in events:
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one bad event must not swallow the ones after it
+                log.exception("%s: handling a client event failed", self.where)
 
     def _cb_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

@@ -129,8 +129,9 @@ class ModbusBus:
         client = await self._ensure()
         call = client.read_input_registers if function == "input" else client.read_holding_registers
         try:
-            rr = await asyncio.wait_for(call(address, count=count, device_id=unit), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):  # no extra task per request, unlike wait_for
+                rr = await call(address, count=count, device_id=unit)
+        except TimeoutError:
             # No answer, or one pymodbus dropped as damaged (wrong CRC, cut frame). RTU frames
             # carry no transaction id: a late answer would be read as the answer to the next
             # request, so that one goes out on a fresh connection. Over TCP the transaction id

@@ -351,6 +351,9 @@ class _Echo(dict):
 # ---------------------------------------------------------------------------------- loading
 
 
+_LOADED: dict[tuple, Any] = {}
+
+
 def _load(kind: str, directory: Path, ref: str, base: Path | None, model: type[BaseModel]) -> Any:
     path = Path(ref)
     if path.suffix not in (".yaml", ".yml"):
@@ -360,9 +363,14 @@ def _load(kind: str, directory: Path, ref: str, base: Path | None, model: type[B
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
         raise ConfigError(f"{kind} {ref!r} not found (built-in: {known}; or give a path to a .yaml file)")
+    # Thousands of meters share a few profiles: parse each file once (the models are frozen).
+    key = (model, str(path.resolve()), path.stat().st_mtime_ns)
+    if key in _LOADED:
+        return _LOADED[key]
     try:
         data = yaml.safe_load(path.read_text())
-        return model.model_validate(data)
+        _LOADED[key] = loaded = model.model_validate(data)
+        return loaded
     except yaml.YAMLError as exc:
         raise ConfigError(f"{kind} {path}: not valid YAML: {exc}") from exc
     except ValidationError as exc:
