@@ -52,8 +52,9 @@ async def fill(ledger, machine: str, n: int, *, first: int = 1, spacing_s: float
     return out
 
 
-async def until(cond, timeout: float, what: str):
-    """Poll ``cond`` (a function, maybe returning an awaitable) until truthy; its value."""
+async def until(cond, timeout: float = 3.0, what: str = "condition", every: float = 0.01):
+    """Poll ``cond`` (a function, maybe returning an awaitable) every ``every`` s until truthy;
+    its value."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
@@ -62,4 +63,4 @@ async def until(cond, timeout: float, what: str):
         if v:
             return v
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)

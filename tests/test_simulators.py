@@ -37,6 +37,7 @@ from simulators import scenario as scn
 from simulators.cnc import CncBank
 from simulators.meter import MeterBank, encode_value, meter_values
 from simulators.serve import READY, serve
+from tests.factories import until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PATH = ROOT / "simulators" / "scenarios" / "demo.yaml"
@@ -59,18 +60,6 @@ class ManualClock:
 
 def utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, timezone.utc)
-
-
-async def until(cond, timeout: float = 3.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- closed form
