@@ -65,6 +65,7 @@ class Publisher:
         if self.confirm_by and not confirm_topic:
             raise ValueError("confirm_by needs the confirm topic")
         self._base: str | None = None
+        self._marks: tuple[str, str] = ("", "")
         self.confirmed = 0
         self.resent = 0
         self._connections = 0
@@ -81,10 +82,13 @@ class Publisher:
         self._wake.set()
 
     def _topic(self, machine: str, body: str) -> str:
-        """The record topic; site and agent read once from a record (they are this agent's)."""
-        if self._base is None:
+        """The record's topic. Site and agent are this agent's, so they are parsed once and
+        then only confirmed in the canonical JSON (a record from before a site or agent id
+        change is parsed again and goes to its own topic)."""
+        if self._base is None or self._marks[0] not in body or self._marks[1] not in body:
             rec = json.loads(body)
             self._base = f"{self.prefix}/{rec['site']}/{rec['agent']}"
+            self._marks = (f'"site":{json.dumps(rec["site"])}', f'"agent":{json.dumps(rec["agent"])}')
         return f"{self._base}/{machine}/record"
 
     async def _send(self, rows: list[tuple[int, str, str]]) -> tuple[list[int], Exception | None]:

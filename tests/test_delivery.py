@@ -4,6 +4,7 @@ status, ledger retention, and a ledger on a file system that fills up or turns r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent import config
 from agent.bridge import Bridge
@@ -169,8 +171,6 @@ async def test_status_is_retained_and_the_will_says_offline(tmp_path):
                 await c.close()
 
         got = await until(lambda: _has(retained, 3), 10, "three retained status messages")
-        import json
-
         assert json.loads(got[topic])["state"] == "online"
         assert json.loads(got["energy/v1/s/a/device/pm-1/availability"])["state"] == "online"
         cnc = json.loads(got["energy/v1/s/a/device/cnc-1/availability"])
@@ -283,7 +283,7 @@ def _agent(tmp_path: Path, ledger_path: Path, hold_max: int):
     from agent.runtime import Agent
 
     text = (ROOT / "config" / "demo.yaml").read_text()
-    data = __import__("yaml").safe_load(text)
+    data = yaml.safe_load(text)
     data["ledger"] = {"path": str(ledger_path), "hold_max": hold_max}
     data.pop("mqtt")
     return Agent(config.parse(data, tmp_path))
@@ -363,3 +363,39 @@ def test_corrupt_ledger_at_start_is_a_clear_error(tmp_path):
     assert out.returncode != 0
     assert f"{ledger}: cannot open the ledger: file is not a database" in out.stderr
     assert ledger.read_bytes().startswith(b"this is not an SQLite database")  # left as it was, for forensics
+
+
+async def test_records_of_an_earlier_agent_id_go_to_their_own_topic(tmp_path):
+    """Site and agent ids are read once and then only confirmed per record: a ledger that holds
+    records from before an id change still publishes each under its own site and agent."""
+    broker = Mosquitto().start(tmp_path / "broker")
+    ledger = Ledger(tmp_path / "ledger.db")
+    await ledger.open()
+    agent = MqttClient(host="127.0.0.1", port=broker.port, client_id="agent-ids")
+    consumer = MqttClient(host="127.0.0.1", port=broker.port, client_id="consumer-ids", clean_start=True)
+    stop = asyncio.Event()
+    task = None
+    try:
+        await consumer.connect(5)
+        await consumer.subscribe("energy/v1/#", qos=1)
+        await agent.connect(5)
+        await factories.fill(ledger, "m1", 2, site="s", agent="old-gw")
+        await factories.fill(ledger, "m2", 2, site="s", agent="gw")
+        await factories.fill(ledger, "m1", 1, first=3, site="s", agent="old-gw")
+        publisher = Publisher(ledger, agent, topic_prefix="energy/v1")
+        task = asyncio.create_task(publisher.run(stop))
+        got = []
+        while len(got) < 5:
+            m = await consumer.next_message(timeout=10)
+            assert m is not None, got
+            got.append((m.topic, json.loads(m.payload)["agent"]))
+        assert sorted(got) == sorted([("energy/v1/s/old-gw/m1/record", "old-gw")] * 3
+                                     + [("energy/v1/s/gw/m2/record", "gw")] * 2)
+    finally:
+        stop.set()
+        if task:
+            await task
+        await agent.close()
+        await consumer.close()
+        await ledger.close()
+        broker.stop()
