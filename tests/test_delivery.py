@@ -4,6 +4,7 @@ status, ledger retention, and a ledger on a file system that fills up or turns r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,34 @@ def bridge_loaded(tmp_path: Path, port: int, influx: dict) -> config.Loaded:
 async def unconfirmed(ledger: Ledger) -> int:
     rows = await ledger._run(ledger._query, "SELECT count(*) FROM records WHERE confirmed_at IS NULL", ())
     return int(rows[0][0])
+
+
+@contextlib.asynccontextmanager
+async def publishing(tmp_path: Path, subscription: str, **publisher_kw):
+    """A broker, a ledger, the agent's client with a running Publisher (``publisher_kw``) and a
+    consumer subscribed to ``subscription``; everything stopped afterwards."""
+    broker = Mosquitto().start(tmp_path / "broker")
+    ledger = Ledger(tmp_path / "ledger.db")
+    await ledger.open()
+    agent = MqttClient(host="127.0.0.1", port=broker.port, client_id="agent-under-test")
+    consumer = MqttClient(host="127.0.0.1", port=broker.port, client_id="consumer", clean_start=True)
+    stop = asyncio.Event()
+    task = None
+    try:
+        await consumer.connect(5)
+        await consumer.subscribe(subscription, qos=1)
+        await agent.connect(5)
+        publisher = Publisher(ledger, agent, topic_prefix="energy/v1", **publisher_kw)
+        task = asyncio.create_task(publisher.run(stop))
+        yield ledger, publisher, consumer
+    finally:
+        stop.set()
+        if task:
+            await task
+        await agent.close()
+        await consumer.close()
+        await ledger.close()
+        broker.stop()
 
 
 # ------------------------------------------------------------------ confirmations, shared subscriptions
@@ -91,20 +120,8 @@ async def test_unconfirmed_records_are_published_again(tmp_path, caplog):
     """Without a confirmation within resend_after_s a record goes out again; a confirmation
     from a bridge the agent does not wait for, or a malformed one, changes nothing."""
     caplog.set_level(logging.WARNING, logger="agent.publish")
-    broker = Mosquitto().start(tmp_path / "broker")
-    ledger = Ledger(tmp_path / "ledger.db")
-    await ledger.open()
-    agent = MqttClient(host="127.0.0.1", port=broker.port, client_id="agent-resend")
-    consumer = MqttClient(host="127.0.0.1", port=broker.port, client_id="consumer", clean_start=True)
-    stop = asyncio.Event()
-    task = None
-    try:
-        await consumer.connect(5)
-        await consumer.subscribe("energy/v1/s/a/+/record", qos=1)
-        await agent.connect(5)
-        publisher = Publisher(ledger, agent, topic_prefix="energy/v1", confirm_by=frozenset({"store"}),
-                              resend_after_s=1.0, confirm_topic="energy/v1/s/a/confirm")
-        task = asyncio.create_task(publisher.run(stop))
+    async with publishing(tmp_path, "energy/v1/s/a/+/record", confirm_by=frozenset({"store"}),
+                          resend_after_s=1.0, confirm_topic="energy/v1/s/a/confirm") as (ledger, publisher, consumer):
         recs = await factories.fill(ledger, "m1", 3, site="s", agent="a")
         publisher.notify()
         seen: list[str] = []
@@ -129,14 +146,6 @@ async def test_unconfirmed_records_are_published_again(tmp_path, caplog):
         assert len(seen) == n
         assert publisher.confirmed == 3
         assert sum("malformed confirmation" in r.getMessage() for r in caplog.records) == 1
-    finally:
-        stop.set()
-        if task:
-            await task
-        await agent.close()
-        await consumer.close()
-        await ledger.close()
-        broker.stop()
 
 
 # ------------------------------------------------------------------ status and availability
@@ -368,22 +377,11 @@ def test_corrupt_ledger_at_start_is_a_clear_error(tmp_path):
 async def test_records_of_an_earlier_agent_id_go_to_their_own_topic(tmp_path):
     """Site and agent ids are read once and then only confirmed per record: a ledger that holds
     records from before an id change still publishes each under its own site and agent."""
-    broker = Mosquitto().start(tmp_path / "broker")
-    ledger = Ledger(tmp_path / "ledger.db")
-    await ledger.open()
-    agent = MqttClient(host="127.0.0.1", port=broker.port, client_id="agent-ids")
-    consumer = MqttClient(host="127.0.0.1", port=broker.port, client_id="consumer-ids", clean_start=True)
-    stop = asyncio.Event()
-    task = None
-    try:
-        await consumer.connect(5)
-        await consumer.subscribe("energy/v1/#", qos=1)
-        await agent.connect(5)
+    async with publishing(tmp_path, "energy/v1/#") as (ledger, publisher, consumer):
         await factories.fill(ledger, "m1", 2, site="s", agent="old-gw")
         await factories.fill(ledger, "m2", 2, site="s", agent="gw")
         await factories.fill(ledger, "m1", 1, first=3, site="s", agent="old-gw")
-        publisher = Publisher(ledger, agent, topic_prefix="energy/v1")
-        task = asyncio.create_task(publisher.run(stop))
+        publisher.notify()
         got = []
         while len(got) < 5:
             m = await consumer.next_message(timeout=10)
@@ -391,11 +389,3 @@ async def test_records_of_an_earlier_agent_id_go_to_their_own_topic(tmp_path):
             got.append((m.topic, json.loads(m.payload)["agent"]))
         assert sorted(got) == sorted([("energy/v1/s/old-gw/m1/record", "old-gw")] * 3
                                      + [("energy/v1/s/gw/m2/record", "gw")] * 2)
-    finally:
-        stop.set()
-        if task:
-            await task
-        await agent.close()
-        await consumer.close()
-        await ledger.close()
-        broker.stop()
