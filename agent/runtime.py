@@ -232,7 +232,8 @@ class Agent:
                 # What exists now (config, drivers, connections, kernels) lives as long as the
                 # process: keep it out of the cyclic collector, whose full passes over it otherwise
                 # take 100-200 ms with thousands of devices and delay every poll due meanwhile.
-                gc.collect()
+                # freeze() alone, no collect() first: that would block the loop for as long, with
+                # requests in flight whose timeouts would then fire.
                 gc.freeze()
             await sleep_or_stop(stop, 0.5)
 
