@@ -7,18 +7,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: the services the demo and the tests start on loopback (never as system services).
-APT_PACKAGES := python3 python3-venv mosquitto influxdb victoria-metrics socat
+# gcc and python3-dev build the ahead-of-time job kernel (agent/aot.py).
+APT_PACKAGES := python3 python3-venv python3-dev gcc mosquitto influxdb victoria-metrics socat
 SERVICE_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/victoria-metrics
 
-.PHONY: demo test bench sysdeps venv clean
+.PHONY: demo test bench sysdeps venv kernels clean
 
-demo: venv
+demo: venv kernels
 	$(BIN)/energy-agent demo
 
-test: venv
+test: venv kernels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: venv
+bench: venv kernels
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 venv: sysdeps $(STAMP)
@@ -29,12 +30,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The job kernel compiled ahead of time for the current source (the agent then runs without
+# LLVM); rebuilt only when the kernel source or numba changed.
+kernels: venv
+	@$(BIN)/energy-agent kernels status >/dev/null || $(BIN)/energy-agent kernels build
+
 # Installs what is missing, as root. Services are installed with a policy-rc.d that keeps
 # apt from starting them: the demo and the tests run their own instances on free ports.
 sysdeps:
 	@missing=0; \
 	for b in $(SERVICE_BINARIES); do [ -x $$b ] || missing=1; done; \
 	command -v socat >/dev/null || missing=1; \
+	command -v gcc >/dev/null || missing=1; \
+	$(PYTHON) -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' 2>/dev/null || missing=1; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing=1; \
 	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
@@ -48,5 +56,5 @@ sysdeps:
 	fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache agent/_aot
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -190,6 +190,25 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return certs.run(args)
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from agent import aot
+
+    path = aot.module_path()
+    if args.action == "build":
+        try:
+            path = aot.build()
+        except Exception as exc:  # compiler or headers missing, directory not writable
+            raise AgentError(f"could not build the ahead-of-time kernel into {aot.AOT_DIR}: {exc} "
+                             "(it needs gcc and the Python headers, e.g. apt-get install gcc python3-dev)") from exc
+        print(f"built {path}")
+        return 0
+    if path.is_file():
+        print(f"ahead-of-time kernel present for the current source: {path}")
+        return 0
+    print(aot.describe_missing() + "; the agent will use numba's JIT (about 100 MB more memory)")
+    return EXIT_FAILURE
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulators import serve
 
@@ -258,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs.add_arguments(s)
     s.set_defaults(func=cmd_certs)
+
+    s = sub.add_parser("kernels", help="build or check the ahead-of-time compiled job kernel")
+    s.add_argument("action", choices=["build", "status"])
+    s.set_defaults(func=cmd_kernels)
 
     s = sub.add_parser("simulate", help="serve simulated meters and CNCs for a scenario")
     from simulators import serve

@@ -365,8 +365,12 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        await loop.run_in_executor(None, energy.warm_up)
-        log.info("kernels ready in %.2f s", time.monotonic() - t0)
+        kind = await loop.run_in_executor(None, energy.warm_up)
+        log.info("kernels ready in %.2f s (%s)", time.monotonic() - t0, kind)
+        if kind != "ahead-of-time build":
+            from agent import aot
+
+            log.warning("job kernel from numba's JIT, about 100 MB more memory: %s", aot.describe_missing())
         await self.ledger.open()
         await self._restore()
         self._stop = stop

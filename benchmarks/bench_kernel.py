@@ -148,7 +148,7 @@ def main() -> None:
             a[:] = 0.0
         energy.job_energy_batch_parallel(t, e, p, st_t, st_s, t0, t1, *limits, *out, chunks)
 
-    energy.warm_up()
+    energy.warm_up_batch()
     stream(t, e), stream_parallel(t, e)
     kernel_parallel()
     par = [a.copy() for a in out]

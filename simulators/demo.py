@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     print("demo: compiling / loading the energy kernels ...", flush=True)
     from agent import energy
 
-    energy.warm_up()  # fills the kernel cache the agent process loads from
+    energy.warm_up()  # the ahead-of-time build, or fills the JIT cache the agent process loads from
     broker, influx = Mosquitto(), InfluxDB1()
     try:
         broker.start(workdir / "mosquitto")

@@ -264,7 +264,7 @@ def test_invalid_windows_are_named():
 
 
 def test_warm_up_compiles_the_batch_kernels():
-    energy.warm_up()
+    energy.warm_up_batch()
     before = [list(f.signatures) for f in (energy.job_energy_batch, energy.job_energy_batch_parallel)]
     t, e, p, st_t, st_s, t0, t1 = plant(2, n=400)
     for col in ((e, p), (e.astype(np.float32), p.astype(np.float32))):
