@@ -179,6 +179,12 @@ class CncDevice(_Model):
     watchdog_intervals: float = Field(
         10.0, ge=3, le=1000, description=("publishing intervals without data or keep-alive after which a "
                                           "subscription counts as lost and the driver reconnects"))
+    settle_s: float | None = Field(
+        None, ge=0, le=60, description=(
+            "how long an instant's changes (one SourceTimestamp) are held for more of them before the "
+            "machine sees the instant; default 1.5 x interval_s (a server's updates of one instant split "
+            "over two publish responses still merge); 0: hand over at the end of each publish response "
+            "or poll (for servers that update an instant's nodes at once)"))
 
 
 class ProgramInfo(_Model):

@@ -92,7 +92,7 @@ class MachineTracker:
                  standby_below_w: float | None = None, off_below_w: float | None = None,
                  max_gap_s: float, close_timeout_s: float, rollover_kwh: float = 0.0,
                  max_power_w: float = 0.0, lookback_s: float | None = None,
-                 on_finished: Callable[[FinishedJob], None]):
+                 on_finished: Callable[[FinishedJob], None], on_ending: Callable[[], None] | None = None):
         self.machine = machine_id
         self.nodemap = nodemap
         self.programs = programs or {}
@@ -106,6 +106,9 @@ class MachineTracker:
         """Between jobs, samples this far back are kept: a job start stamped at the CNC's instant
         can arrive after later meter samples, and still needs the sample before it."""
         self.on_finished = on_finished
+        self.on_ending = on_ending
+        """Called when a job has ended and waits for a meter sample after its end: the agent
+        reads the meter at once instead of waiting up to a poll interval for its next tick."""
 
         from agent.samples import SampleBuffer, StateTimeline  # local: keeps import order simple
 
@@ -290,6 +293,8 @@ class MachineTracker:
             parts = None
         self.ending.append(_Ending(job, t, wall, reason, parts, t + self.close_timeout_s))
         self.open = None
+        if self.on_ending is not None:
+            self.on_ending()
 
     def _flag_jobs(self, flag: str) -> None:
         if self.open is not None:

@@ -46,6 +46,8 @@ class Stats:
     records: int = 0
     skipped_ticks: int = 0
     """Meter poll ticks skipped because a poll ended after its next tick was due."""
+    extra_polls: int = 0
+    """Meter reads out of schedule, at job ends (also counted in ``polls``)."""
     started: float = field(default_factory=time.monotonic)
     lateness: list[float] = field(default_factory=lambda: [0.0] * LATENESS_KEPT)
     """Real seconds from when each meter poll was due to when its reading was handled (a ring)."""
@@ -68,7 +70,7 @@ class Stats:
         self.late_hist += np.histogram(np.maximum(ms, 0.0), LATENESS_EDGES_MS)[0]
         p50, p99 = np.percentile(ms, [50, 99]) if n else (float("nan"), float("nan"))
         return {"polls": self.polls, "poll_errors": self.poll_errors, "records": self.records,
-                "skipped_ticks": self.skipped_ticks, "window_polls": int(n), "late_p50_ms": float(p50),
+                "skipped_ticks": self.skipped_ticks, "extra_polls": self.extra_polls, "window_polls": int(n), "late_p50_ms": float(p50),
                 "late_p99_ms": float(p99), "late_max_ms": float(ms.max()) if n else float("nan"),
                 "late_hist": self.late_hist.tolist()}
 
@@ -124,6 +126,13 @@ class Agent:
         self.phase: dict[str, float] = {}
         """Meter id -> fraction of its poll interval by which its first poll is delayed."""
         self.cncs: list[CncDriver] = []
+        self.meter_by_id: dict[str, MeterDriver] = {}
+        self.availability: dict[str, Availability] = {}
+        self._poll_locks: dict[str, asyncio.Lock] = {}
+        """Per meter: a scheduled poll and a read at a job's end never overlap, so the tracker
+        gets the meter's readings in the order they were taken."""
+        self._extra_pending: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._build()
 
     def _build(self) -> None:
@@ -139,7 +148,7 @@ class Agent:
                 close_timeout_s=m.close_timeout_s or 10 * meter.poll_interval_s,
                 rollover_kwh=profile.counter_rollover_kwh(), max_power_w=profile.max_power_w or 0.0,
                 lookback_s=(m.max_gap_s or 5 * meter.poll_interval_s) + 4 * cfg.cnc(m.cnc).interval_s,
-                on_finished=self._finished,
+                on_finished=self._finished, on_ending=self._read_soon(meter.id),
             )
             self.trackers[m.id] = tracker
             self.by_meter[meter.id] = tracker
@@ -148,8 +157,12 @@ class Agent:
             bus = self.buses.get(meter.bus_key())
             if bus is None:
                 bus = self.buses[meter.bus_key()] = ModbusBus.for_meter(meter)
-            self.meters.append(MeterDriver(meter.id, meter.unit_id, loaded.profiles[meter.id], bus, self.clock,
-                                           timeout_s=meter.timeout_s, retries=meter.retries, pause_s=meter.pause_s))
+            driver = MeterDriver(meter.id, meter.unit_id, loaded.profiles[meter.id], bus, self.clock,
+                                 timeout_s=meter.timeout_s, retries=meter.retries, pause_s=meter.pause_s)
+            self.meters.append(driver)
+            self.meter_by_id[meter.id] = driver
+            self.availability[meter.id] = Availability(f"meter {meter.id}")  # one line per outage, none per flap
+            self._poll_locks[meter.id] = asyncio.Lock()
         self.phase = spread_phases([(m.id, m.bus_key()) for m in cfg.meters])
         for c in cfg.cncs:
             tracker = self.by_cnc.get(c.id)
@@ -159,7 +172,8 @@ class Agent:
             self.cncs.append(CncDriver(c.id, c.endpoint, loaded.nodemaps[c.id], loaded.node_ids[c.id], self.clock,
                                        self._on_cnc(c.id, tracker), mode=c.mode, interval_s=c.interval_s,
                                        timeout_s=c.timeout_s, timestamps=c.timestamps,
-                                       security=loaded.security[c.id], watchdog_intervals=c.watchdog_intervals))
+                                       security=loaded.security[c.id], watchdog_intervals=c.watchdog_intervals,
+                                       settle_s=c.settle_s))
 
     def _on_cnc(self, device_id: str, tracker: MachineTracker):
         def on_cnc(r) -> None:
@@ -170,28 +184,57 @@ class Agent:
 
     # ---------------------------------------------------------------- tasks
 
-    async def _poll_meter(self, driver: MeterDriver, stop: asyncio.Event) -> None:
+    def _handle_meter(self, driver: MeterDriver, r, now: float) -> None:
+        self.stats.polls += 1
+        if self.stats.polls == 1:
+            log.info("first meter poll done (%s, %s) %.3f s after start", driver.device_id,
+                     "ok" if r.ok else "failed", time.monotonic() - self.stats.started)
+        if not r.ok:
+            self.stats.poll_errors += 1
+        availability = self.availability[driver.device_id]
+        for level, line in availability.update(r, now):
+            log.log(level, "%s", line)
+        if self.status is not None:  # the same hysteresis as the log: a flapping meter is one outage
+            self.status.device(driver.device_id, None not in availability.down, r.error)
         tracker = self.by_meter.get(driver.device_id)
+        if tracker is not None:
+            tracker.on_meter(r)
+
+    def _read_soon(self, meter_id: str):
+        """A job on this meter's machine has ended: read the meter now (after a poll in flight),
+        so the sample after the job's end comes in milliseconds, not up to a poll interval later.
+        At most one such read waits per meter; it is an extra poll, the schedule is unchanged."""
+        def read_soon() -> None:
+            if self._stop is None or self._stop.is_set() or meter_id in self._extra_pending:
+                return
+            self._extra_pending.add(meter_id)
+            task = asyncio.get_running_loop().create_task(self._read_now(meter_id), name=f"read {meter_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return read_soon
+
+    async def _read_now(self, meter_id: str) -> None:
+        driver = self.meter_by_id[meter_id]
+        try:
+            async with self._poll_locks[meter_id]:
+                self._extra_pending.discard(meter_id)
+                r = await driver.poll()
+                self.stats.extra_polls += 1
+                self._handle_meter(driver, r, asyncio.get_running_loop().time())
+        finally:
+            self._extra_pending.discard(meter_id)
+
+    async def _poll_meter(self, driver: MeterDriver, stop: asyncio.Event) -> None:
         interval = self.clock.real_seconds(self.cfg.meter(driver.device_id).poll_interval_s)
         loop = asyncio.get_running_loop()
         next_at = loop.time() + interval * self.phase.get(driver.device_id, 0.0)
-        availability = Availability(f"meter {driver.device_id}")  # one line per outage, none per flap
+        lock = self._poll_locks[driver.device_id]
         if await sleep_or_stop(stop, next_at - loop.time()):
             return
         while not stop.is_set():
-            r = await driver.poll()
-            self.stats.polls += 1
-            if self.stats.polls == 1:
-                log.info("first meter poll done (%s, %s) %.3f s after start", driver.device_id,
-                         "ok" if r.ok else "failed", time.monotonic() - self.stats.started)
-            if not r.ok:
-                self.stats.poll_errors += 1
-            for level, line in availability.update(r, loop.time()):
-                log.log(level, "%s", line)
-            if self.status is not None:  # the same hysteresis as the log: a flapping meter is one outage
-                self.status.device(driver.device_id, None not in availability.down, r.error)
-            if tracker is not None:
-                tracker.on_meter(r)
+            async with lock:
+                r = await driver.poll()
+                self._handle_meter(driver, r, loop.time())
             now = loop.time()
             self.stats.late(now - next_at)
             next_at += interval
@@ -409,6 +452,7 @@ class Agent:
         try:
             await stop.wait()
         finally:
+            tasks += self._tasks  # reads at job ends still in flight
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

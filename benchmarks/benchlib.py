@@ -294,7 +294,7 @@ def start_simulators(workdir: Path, *, meters: int, cncs: int, per_port: int, du
 def agent_config(workdir: Path, sim: dict, *, meters: int, cncs: int, per_port: int, poll_s: float = 1.0,
                  cnc_interval_s: float = 0.5, speed: float = 1.0, anchor: float | None = None,
                  mqtt: dict | None = None, influx: dict | None = None, archive: bool = True,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, settle_s: float | None = None) -> Path:
     """Write the agent's config for the first ``meters`` meters and ``cncs`` CNCs of the plant."""
     cfg: dict = {"site": "bench", "agent_id": "gw", "log_level": "INFO",
                  "ledger": {"path": str(workdir / "ledger.db")},
@@ -304,6 +304,7 @@ def agent_config(workdir: Path, sim: dict, *, meters: int, cncs: int, per_port: 
                              "unit_id": i % per_port + 1, "profile": PROFILE, "poll_interval_s": poll_s,
                              "timeout_s": 1.0} for i in range(meters)],
                  "cncs": [{"id": f"cnc-{i}", "endpoint": sim["opcua_endpoint"], "interval_s": cnc_interval_s,
+                           **({} if settle_s is None else {"settle_s": settle_s}),
                            "params": {"namespace": NAMESPACE, "channel": f"M{i}.Channel_1", "job": f"M{i}.Job"}}
                           for i in range(cncs)],
                  "machines": [{"id": f"m{i}", "meter": f"pm-{i}", "cnc": f"cnc-{i}", "emission_factor": "f"}

@@ -238,7 +238,8 @@ class CncDriver:
                  emit: Callable[[Reading], None], *, mode: str = "subscribe", interval_s: float = 0.5,
                  timeout_s: float = 4.0, timestamps: str = "source",
                  backoff_min_s: float = 1.0, backoff_max_s: float = 60.0,
-                 security: "CncSecurity | None" = None, watchdog_intervals: float = 10.0):
+                 security: "CncSecurity | None" = None, watchdog_intervals: float = 10.0,
+                 settle_s: float | None = None):
         self.device_id = device_id
         self.endpoint = endpoint
         self.nodemap = nodemap
@@ -254,9 +255,9 @@ class CncDriver:
         self.watchdog_intervals = watchdog_intervals
         self.watchdog_trips = 0
         self.resolved: dict[str, str] = {}
+        """Node id of every point found at the last connect (browse paths translated)."""
         self.subscribed = False
         """True while a subscription with its monitored items is established."""
-        """Node id of every point found at the last connect (browse paths translated)."""
         self.values: dict[str, Any] = {}
         self.last_t = float("-inf")
         self.available = False
@@ -267,8 +268,10 @@ class CncDriver:
         self.last_wall = 0.0
         self._batch = 0
         self._flush_timer: asyncio.TimerHandle | None = None
-        self.quiet_s = 1.5 * self.clock.real_seconds(interval_s) + 0.05
-        """Real seconds without news after which an instant is complete (> one publishing interval)."""
+        self.quiet_s = (1.5 * self.clock.real_seconds(interval_s) + 0.05 if settle_s is None
+                        else self.clock.real_seconds(settle_s))
+        """Real seconds without news after which an instant is complete (default > one publishing
+        interval); 0: complete at the end of the publish response or poll that brought it."""
 
     # ----------------------------------------------------------------------- stamping
 
@@ -310,7 +313,10 @@ class CncDriver:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         if self._pending_t is not None:
-            self._flush_timer = asyncio.get_running_loop().call_later(self.quiet_s, self._flush)
+            if self.quiet_s <= 0.0:
+                self._flush()
+            else:
+                self._flush_timer = asyncio.get_running_loop().call_later(self.quiet_s, self._flush)
 
     def _flush(self) -> None:
         if self._flush_timer is not None:

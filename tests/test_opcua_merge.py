@@ -54,3 +54,16 @@ async def test_a_bad_status_removes_the_value_and_is_reported():
     d._apply([("program", None, None, False)])
     d._flush()
     assert readings[-1].values == {} and readings[-1].bad == ("program",)
+
+
+async def test_settle_zero_hands_over_at_the_end_of_each_notification_batch():
+    readings = []
+    nm = load_nodemap("opc40502")
+    ids = nm.resolve({"namespace": "urn:x", "channel": "C", "job": "J"})
+    d = CncDriver("cnc", "opc.tcp://127.0.0.1:1", nm, ids, Clock(), readings.append, interval_s=0.5, settle_s=0)
+    t = datetime.fromtimestamp(Clock().wall() - 0.01, timezone.utc)
+    d._apply([("channel_status", 0, t, True), ("job_id", "J-7", t, True)])
+    assert [r.values for r in readings] == [{"channel_status": 0, "job_id": "J-7"}]  # no quiet period
+    d._apply([("parts_total", 3, t, True)])  # the same instant, a publish later: its own snapshot
+    assert readings[-1].values == {"channel_status": 0, "job_id": "J-7", "parts_total": 3}
+    assert readings[-1].t >= readings[0].t and d._flush_timer is None
