@@ -21,7 +21,10 @@ Several bridges can split the load with a shared subscription
 one of them. They write the same store and confirm under one ``confirm_as`` name.
 
 Messages arriving within ``batch_window_s`` of each other (up to ``batch_max``) go to
-InfluxDB in one write.
+InfluxDB in one write, as line protocol built straight from the record
+(:func:`agent.influx.record_to_line`, the same bytes a Point would write). The next batch is
+decoded while the last one is being written; writes, and the acknowledgements after them, stay
+one batch at a time.
 """
 
 from __future__ import annotations
@@ -32,18 +35,17 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from influxdb_client import Point
-
 from agent.clock import sleep_or_stop
 from agent.config import Config, Loaded
 from agent.errors import ConfigError, DeliveryError, RecordError
-from agent.influx import InfluxWriter, WriteRejected, record_to_point
+from agent.influx import InfluxWriter, WriteRejected, record_to_line
 from agent.mqtt import Message, client_from_config
 from agent.publish import confirm_topic
 from agent.record import canonical_json
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 500
 BATCH_WINDOW_S = 0.05
+SWITCH_INTERVAL_S = 0.0005
+"""sys.setswitchinterval of the bridge process (see run_bridge)."""
 RETRY_MIN_S = 0.25
 RETRY_MAX_S = 30.0
 DEAD_LETTER_NAME = "bridge-dead-letter.jsonl"
@@ -79,7 +83,8 @@ def default_client_id(cfg) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Converted:
-    point: Point
+    line: bytes
+    """The record's point in line protocol (agent.influx.record_to_line)."""
     record_id: str
     confirm_topic: str
     """Where this record's confirmation goes: <prefix>/<site>/<agent>/confirm."""
@@ -130,14 +135,14 @@ class Bridge:
         except ValueError as exc:  # JSONDecodeError, and integers with too many digits
             return "not JSON", str(exc)
         try:
-            point = record_to_point(rec, self.influx_cfg.measurement)
+            line = record_to_line(rec, self.influx_cfg.measurement)
         except RecordError as exc:
             return "not a record", str(exc)
         levels = msg.topic.split("/")
         expected = [rec["site"], rec["agent"], rec["machine"], "record"]
         if levels[-4:] != expected:
             return "wrong topic", f"the record of {'/'.join(expected[:3])} came on {msg.topic!r}"
-        return Converted(point, rec["record_id"], confirm_topic(msg.topic))
+        return Converted(line, rec["record_id"], confirm_topic(msg.topic))
 
     def _dead_letter(self, msg: Message, kind: str, reason: str) -> None:
         """Append the message to the dead-letter file (OSError if that fails)."""
@@ -209,7 +214,7 @@ class Bridge:
         """Write the points, then acknowledge their messages. False: stopping (nothing more acked)."""
         if not items:
             return True
-        result = await self._write([c.point for _, c in items], stop)
+        result = await self._write([c.line for _, c in items], stop)
         if result is False:
             return False
         if result is None:
@@ -240,16 +245,18 @@ class Bridge:
             except DeliveryError as exc:
                 log.debug("confirmation of %d records on %s not delivered: %s", len(ids), topic, exc)
 
-    async def _handle(self, batch: list[Message], stop: asyncio.Event) -> bool:
+    async def _convert_batch(self, batch: list[Message], stop: asyncio.Event) -> list | None:
+        """The batch's records with their points; what is not a record is dead-lettered (and
+        acknowledged) on the way. None: stopping."""
         items = []
         for msg in batch:
             res = self.convert(msg)
             if isinstance(res, tuple):
                 if not await self._reject(msg, *res, stop):
-                    return False
+                    return None
             else:
                 items.append((msg, res))
-        return await self._deliver(items, stop)
+        return items
 
     async def _collect(self) -> list[Message]:
         first = await self.client.next_message(timeout=0.25)
@@ -267,6 +274,32 @@ class Bridge:
         return batch
 
     # ------------------------------------------------------------------ main loop
+
+    async def _pipeline(self, stop: asyncio.Event) -> None:
+        """Collect and convert the next batch while the previous one is being written.
+
+        Writes stay one at a time and in order (a batch is handed over only when the one before
+        it is written and acknowledged), so nothing is acknowledged before its point is stored;
+        only the decoding of the next batch overlaps the HTTP round trip of the last one.
+        """
+        writing: asyncio.Task | None = None
+        try:
+            while not stop.is_set():
+                batch = await self._collect()
+                if not batch:
+                    continue
+                items = await self._convert_batch(batch, stop)
+                if items is None:
+                    break
+                if writing is not None and not await writing:
+                    break  # stopping: what is not acknowledged is redelivered to the next run
+                writing = asyncio.create_task(self._deliver(items, stop))
+            if writing is not None:
+                await writing  # soon, stop being set: a write in progress ends, no more retries
+        finally:
+            if writing is not None and not writing.done():  # leaving on an error: nothing more to ack
+                writing.cancel()
+                await asyncio.wait([writing])
 
     def _check_dead_letter_file(self) -> None:
         try:
@@ -307,10 +340,7 @@ class Bridge:
             log.info("bridge running: %s -> %s (%s, %s) as %s, dead letters to %s", ic.subscription, ic.url,
                      ic.api, target, self.client_id, self.dead_letter_path)
             self.ready.set()
-            while not stop.is_set():
-                batch = await self._collect()
-                if batch and not await self._handle(batch, stop):
-                    break  # stopping: what is not acknowledged is redelivered to the next run
+            await self._pipeline(stop)
         finally:
             await self.client.close()
             self.writer.close()
@@ -319,6 +349,14 @@ class Bridge:
 
 
 async def run_bridge(loaded: Loaded, stop: asyncio.Event, *, dead_letter_path: Path | str | None = None) -> int:
-    """Entry point of ``energy-agent bridge -c plant.yaml``: run until ``stop`` is set."""
+    """Entry point of ``energy-agent bridge -c plant.yaml``: run until ``stop`` is set.
+
+    The process is the bridge's alone, so it may shorten the interpreter's thread switch
+    interval: the HTTP write runs in a thread while the loop decodes the next batch, and with
+    the default 5 ms each hand-over of the GIL to that thread (connect, send, every read) can
+    wait that long, which stretched writes of 500 points (about 11 ms on their own) several-fold
+    and left the bridge waiting for its writes.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     await Bridge(loaded, dead_letter_path=dead_letter_path).run(stop)
     return 0

@@ -11,20 +11,24 @@ integers as integers), so a series never meets a field-type conflict.
 
 :func:`record_to_point` validates what it reads and raises :class:`RecordError` naming the
 field, so that nothing the server would reject (NaN, a 2^70 integer, a year-3000 timestamp)
-gets as far as a write. A server that rejects a write anyway answers :class:`WriteRejected`
-(the points are at fault: do not retry them as they are); every other failure is a
-:class:`DeliveryError` worth retrying.
+gets as far as a write. :func:`record_to_line` gives the same point as line protocol bytes,
+several times faster (what the bridge writes). A server that rejects a write anyway answers
+:class:`WriteRejected` (the points are at fault: do not retry them as they are); every other
+failure is a :class:`DeliveryError` worth retrying.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
+import operator
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from influxdb_client import Point, WritePrecision
@@ -147,6 +151,125 @@ def point_time_ns(point: Point) -> int:
     return int(point._time)
 
 
+# ---------------------------------------------------------------------- line protocol, fast path
+#
+# The bridge lands thousands of records a second; building a Point per record and having it
+# sorted, typed and escaped costs more than the rest of the bridge together. record_to_line
+# writes the same bytes directly: tags and fields in the order Point sorts them into, the
+# escaping tables of influxdb_client, floats as Point formats them. It only takes records that
+# are plainly valid; anything else (a missing field, a wrong type, an unusual timestamp) goes
+# through record_to_point, so the accepted records, the output and every error message stay
+# exactly those of the Point path (tests compare the two).
+
+_ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"})
+_ESCAPE_KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"})
+_ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": r"\\"})
+_STAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{6})Z", re.ASCII)
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+_FLOAT_FIELDS = ("kwh", "estimated_kwh", "kgco2e", "factor", "duration_s", "coverage", "longest_gap_s",
+                 *(f"kwh_{s}" for s in states.STATES))
+_STR_FIELDS = ("record_id", "job_id", "factor_id", "method", "hash")
+_INT_FIELDS = ("seq", "gap_count", "counter_resets", "end_ns")
+_KINDS = dict.fromkeys(_FLOAT_FIELDS, "{}") | dict.fromkeys(_STR_FIELDS, '"{}"') | dict.fromkeys(_INT_FIELDS, "{}i")
+_FIELDS_TEMPLATE = " " + ",".join(f"{name}={_KINDS[name]}" for name in sorted(_KINDS)) + " {}"
+"""' <fields> <timestamp>' with the fields in the order Point writes them (sorted by name)."""
+_IN_FIELD_ORDER = operator.itemgetter(*(list(_KINDS).index(name) for name in sorted(_KINDS)))
+"""Values in the order of _KINDS (floats, strings, integers) -> in the order of the template."""
+
+
+@functools.lru_cache(maxsize=8)
+def _head(measurement: str) -> str:
+    return measurement.translate(_ESCAPE_MEASUREMENT)
+
+
+def _fast_ns(iso: Any) -> int | None:
+    """ns of a ``2026-01-31T12:00:00.000000Z`` stamp, None for anything else (the slow path judges it)."""
+    m = _STAMP.fullmatch(iso) if type(iso) is str else None
+    if m is None:
+        return None
+    y, mo, d, h, mi, s, us = map(int, m.groups())
+    if h > 23 or mi > 59 or s > 59:
+        return None
+    try:
+        days = date(y, mo, d).toordinal() - _EPOCH_DAY
+    except ValueError:
+        return None
+    ns = (((days * 86400 + h * 3600 + mi * 60 + s) * 1_000_000) + us) * 1000
+    return ns if _MIN_NS <= ns <= _MAX_NS else None
+
+
+def _fast_line(rec: Any, head: str) -> bytes | None:
+    """The line of a plainly valid record, else None. Raises only KeyError/TypeError on odd shapes."""
+    if type(rec) is not dict or rec.get("schema") != SCHEMA:
+        return None
+    job, energy, emissions, quality = rec["job"], rec["energy"], rec["emissions"], rec["quality"]
+    by_state, factor = energy["by_state"], emissions["factor"]
+    line = head
+    for prefix, v, required in ((",agent=", rec["agent"], True), (",machine=", rec["machine"], True),
+                                (",product=", job["product"], False), (",program=", job["program"], False),
+                                (",serial=", job["serial"], False), (",site=", rec["site"], True),
+                                (",subassembly=", job["subassembly"], False)):
+        if type(v) is not str:
+            if v is None and not required:
+                continue
+            return None
+        if not v:
+            if required:
+                return None
+            continue
+        if len(v) > _MAX_STR:
+            return None
+        v = v.translate(_ESCAPE_KEY)
+        line += prefix + (v + " " if v[-1] == "\\" else v)
+    values = []
+    for v in (energy["kwh"], energy["estimated_kwh"], emissions["kgco2e"], factor["value"], rec["duration_s"],
+              quality["coverage"], quality["longest_gap_s"], *[by_state[s] for s in states.STATES]):
+        if type(v) is not float:
+            if type(v) is not int or not -_INT64 < v < _INT64:
+                return None
+            v = float(v)
+        if v - v:  # inf or nan
+            return None
+        v = repr(v)
+        values.append(v[:-2] if v.endswith(".0") else v)
+    job_id = job["job_id"]
+    if job_id is None or job_id == "":
+        job_id = job["key"]
+    for v in (rec["record_id"], job_id, factor["id"], energy["method"], rec["hash"]):
+        if type(v) is not str or len(v) > _MAX_STR:
+            return None
+        values.append(v.translate(_ESCAPE_STRING))
+    for v in (rec["seq"], quality["gap_count"], quality["counter_resets"]):
+        if type(v) is not int or not 0 <= v < _INT64:
+            return None
+        values.append(v)
+    start, end = _fast_ns(rec["start"]), _fast_ns(rec["end"])
+    if start is None or end is None:
+        return None
+    values.append(end)
+    line += _FIELDS_TEMPLATE.format(*_IN_FIELD_ORDER(values), start)
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape, in some field
+        return None
+
+
+def record_to_line(rec: Any, measurement: str = "job_energy") -> bytes:
+    """The record's point as one line of line protocol (UTF-8, no newline): exactly
+    ``record_to_point(rec, measurement).to_line_protocol()``, with the same RecordErrors, faster."""
+    try:
+        line = _fast_line(rec, _head(measurement))
+    except (KeyError, TypeError):
+        line = None
+    if line is None:
+        line = record_to_point(rec, measurement).to_line_protocol().encode("utf-8")
+    return line
+
+
+def _line(point: bytes | Point) -> bytes:
+    return point if isinstance(point, bytes) else point.to_line_protocol().encode("utf-8")
+
+
 class InfluxWriter:
     """Writes points. :class:`WriteRejected` when the server blames the points, DeliveryError otherwise."""
 
@@ -161,7 +284,8 @@ class InfluxWriter:
 
     target = ""
 
-    async def write(self, points: list[Point]) -> None:
+    async def write(self, points: list[bytes | Point]) -> None:
+        """Write points: lines from :func:`record_to_line` (or Points) in one request."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -199,10 +323,10 @@ class V1Writer(InfluxWriter):
         except (urllib.error.URLError, OSError) as exc:
             raise DeliveryError(f"{self.target}: {getattr(exc, 'reason', None) or exc}") from None
 
-    async def write(self, points: list[Point]) -> None:
+    async def write(self, points: list[bytes | Point]) -> None:
         if not points:
             return
-        body = "\n".join(p.to_line_protocol() for p in points).encode()
+        body = b"\n".join(_line(p) for p in points)
         await asyncio.to_thread(self._post, body)
 
 
@@ -222,11 +346,12 @@ class V2Writer(InfluxWriter):
         self.bucket, self.org = cfg.bucket, cfg.org
         self.target = f"InfluxDB v2 {cfg.url} bucket {cfg.bucket}"
 
-    def _write(self, points: list[Point]) -> None:
+    def _write(self, points: list[bytes | Point]) -> None:
         from influxdb_client.rest import ApiException
 
         try:
-            self.api.write(bucket=self.bucket, org=self.org, record=points, write_precision=WritePrecision.NS)
+            self.api.write(bucket=self.bucket, org=self.org, record=b"\n".join(_line(p) for p in points),
+                           write_precision=WritePrecision.NS)
         except ApiException as exc:
             body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or exc.reason)
             msg = f"{self.target}: HTTP {exc.status}: {body[:500].strip()}"
@@ -236,7 +361,7 @@ class V2Writer(InfluxWriter):
         except Exception as exc:  # noqa: BLE001 - urllib3 connection errors and the like never leave this module
             raise DeliveryError(f"{self.target}: {type(exc).__name__}: {exc}") from None
 
-    async def write(self, points: list[Point]) -> None:
+    async def write(self, points: list[bytes | Point]) -> None:
         if points:
             await asyncio.to_thread(self._write, points)
 

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: another client connected with our client id
 FLAP_S = 5.0
 FLAP_COUNT = 3
+EVENT_POLL_S = 0.002
+"""While paho's events keep coming, the loop collects them this often (see MqttClient._post)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,9 @@ class MqttClient:
     def _post(self, fn, *args) -> None:
         """Queue an event for the loop, in order. Events arriving in a burst (a PUBACK per
         record while the outbox drains, a message per record in the bridge) wake the loop once,
-        not once each: the loop runs them all in one callback."""
+        not once each: the loop runs them all in one callback, and while they keep coming it
+        collects them every EVENT_POLL_S instead of being woken again (a wake per message cost
+        the bridge about as much as decoding the message)."""
         loop = self._loop
         if loop is None:
             return
@@ -153,7 +157,10 @@ class MqttClient:
     def _run_events(self) -> None:
         with self._events_lock:
             events, self._events = self._events, []
-            self._wake_pending = False
+            if not events:  # quiet again: the next event wakes the loop
+                self._wake_pending = False
+                return
+        self._loop.call_later(EVENT_POLL_S, self._run_events)  # more are probably on their way
         for fn, args in events:
             try:
                 fn(*args)

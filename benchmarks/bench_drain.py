@@ -9,7 +9,10 @@ machines; the fill is not timed and runs without fsync). Then:
 2. end to end: a fresh copy of the same ledger is drained again with ``confirm_by`` set while
    an ``energy-agent bridge`` process writes every record to InfluxDB 1.6.7 (v1 /write) and
    confirms it; the rate is records until the last point is queryable in InfluxDB (``SELECT
-   count``, polled every 0.2 s), and until the ledger holds every confirmation.
+   count``, polled every POLL_S once the outbox is empty), and until the ledger holds every
+   confirmation. The CPU time each process used meanwhile (and how long it waited for a CPU)
+   is printed beside it: the rates depend on what else the machine runs, the CPU per record
+   much less.
 
 The publisher runs in this process (as in the agent: one event loop, the ledger on its own
 thread); ``--profile`` runs phase 1 again with the publisher's steps timed (read the outbox,
@@ -25,6 +28,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import shutil
 import sys
@@ -41,6 +45,9 @@ from simulators.services import InfluxDB1, Mosquitto
 from tests import factories
 
 SITE, AGENT, PREFIX = "bench", "gw", "energy/v1"
+POLL_S = 0.05
+"""How often phase 2 asks InfluxDB and the ledger whether everything landed (only once the
+outbox is empty: nothing can be complete before that)."""
 
 
 def fill(path: Path, records: int, machines: int) -> float:
@@ -58,6 +65,25 @@ def fill(path: Path, records: int, machines: int) -> float:
     finally:
         ledger.close_sync()
     return time.monotonic() - t0
+
+
+def usage(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Per process: CPU seconds used so far, and seconds it was runnable but waited for a CPU
+    (on a shared machine, what other work took from it). ``<name> loop``: the process' main
+    thread alone (the bridge's event loop; the rest is paho's network thread and HTTP writes)."""
+    out = {}
+    for name, pid in pids.items():
+        out[name] = (bl.cpu_seconds(pid), bl.runqueue_wait_s(pid))
+        if name == "bridge":
+            out[f"{name} loop"] = (thread_cpu_seconds(pid, pid), 0.0)
+    return out
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread (s), from /proc/PID/task/TID/stat."""
+    text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / bl.CLK_TCK
 
 
 def timed(obj, name: str, spent: dict[str, list[float]]) -> None:
@@ -105,7 +131,7 @@ async def drain(path: Path, port: int, *, max_inflight: int, confirm_by: frozens
             raise RuntimeError(f"{path.name}: {await ledger.pending()} records still unsent")
         if until is not None:
             while not await until(ledger) and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(POLL_S)
             out["until_s"] = time.monotonic() - t0
         out["sent"] = pub.sent
     finally:
@@ -132,6 +158,8 @@ def main() -> int:
     args = p.parse_args()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-drain-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    for stale in ("mosquitto", "influxdb"):  # a reused --workdir: no sessions or points from the last run
+        shutil.rmtree(workdir / stale, ignore_errors=True)
     master = workdir / "full.db"
     master.unlink(missing_ok=True)
     fill_s = fill(master, args.records, args.machines)
@@ -164,6 +192,7 @@ def main() -> int:
             cfg = bl.agent_config(workdir, {"modbus_ports": [], "opcua_endpoint": None}, meters=0, cncs=0,
                                   per_port=1, mqtt={"host": "127.0.0.1", "port": broker.port}, influx=store)
             log = workdir / "bridge.log"
+            log.unlink(missing_ok=True)  # "bridge running" must come from this run's bridge
             bridge = bl.start_agent(cfg, log, core=None, command="bridge")
             bl.wait_for(lambda: bl.log_has(log, "bridge running"), 60, "the bridge", ((bridge, log),))
 
@@ -186,8 +215,11 @@ def main() -> int:
                     seen["confirmed"] = time.monotonic()
                 return len(seen) == 2
 
+            procs = {"bridge": bridge.pid, "mosquitto": broker.pid, "influxd": influx.pid, "publisher": os.getpid()}
+            before = usage(procs)
             r2 = asyncio.run(drain(copy("phase2.db"), broker.port, max_inflight=args.max_inflight,
                                    confirm_by=frozenset({"influxdb"}), until=landed))
+            spent2 = {k: (v[0] - before[k][0], v[1] - before[k][1]) for k, v in usage(procs).items()}
             results["influx"] = r2
             if spy is not None:
                 spy.wait(60)
@@ -195,7 +227,11 @@ def main() -> int:
             t_influx, t_conf = seen.get("influx", float("nan")) - t0, seen.get("confirmed", float("nan")) - t0
             print(f"2. end to end: outbox empty after {r2['outbox_empty_s']:.2f} s; all {args.records} points in "
                   f"InfluxDB after {t_influx:.2f} s = {args.records / t_influx:.0f} records/s; every record confirmed "
-                  f"after {t_conf:.2f} s = {args.records / t_conf:.0f} records/s (resolution 0.2 s)", flush=True)
+                  f"after {t_conf:.2f} s = {args.records / t_conf:.0f} records/s (resolution {POLL_S:g} s)", flush=True)
+            print("   CPU in phase 2, s (µs per record): " + ", ".join(
+                f"{k} {cpu:.2f} ({1e6 * cpu / args.records:.0f})" for k, (cpu, _) in spent2.items())
+                + "; waiting for a CPU, s: " + ", ".join(f"{k} {w:.2f}" for k, (_, w) in spent2.items()
+                                                       if " " not in k), flush=True)
             if count() != args.records:
                 print(f"   PROBLEM: InfluxDB holds {count()} points, expected {args.records}")
         if args.profile:

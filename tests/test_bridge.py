@@ -210,6 +210,116 @@ def test_invalid_records_name_the_field(path, value, message):
         record_to_point(rec)
 
 
+AWKWARD = ["O 42", "a,b", "k=v", 'say "hi"', "back\\slash", "ends\\", "tab\there", "new\nline", "cr\rx",
+           "é-ü", "零件 7", "🔧", "#hash", "=", ",", " ", "\\", '"', "x" * 4096]
+"""Strings that line protocol escapes (tags: comma, equals, space, \\n \\t \\r; string fields:
+quote, backslash), unicode, and the longest string a record may carry."""
+
+FLOATS = [0.0, -0.0, 1, 7, -3, 0.1 + 0.2, 1e-300, 1.5e-7, 1e16, 1.7976931348623157e308, 123456.789, 2**62, -(2**53)]
+"""JSON numbers as floats or integers: Python's shortest repr, exponents, '.0' trimmed, big ints."""
+
+
+def _outcome(fn, rec):
+    """What a point builder makes of a record: the line, or the RecordError's message."""
+    try:
+        out = fn(rec)
+    except RecordError as exc:
+        return "error", str(exc)
+    return "line", out if isinstance(out, bytes) else out.to_line_protocol().encode("utf-8")
+
+
+def _variants(rng) -> list[dict]:
+    """Valid records that stress escaping, number formatting and timestamps (seeded)."""
+    out = []
+    for i in range(400):
+        rec = make_record(i, machine=rng.choice(["m9", *AWKWARD[:12]]))
+        job = rec["job"]
+        for tag in ("program", "product", "serial", "subassembly"):
+            job[tag] = rng.choice([None, "", rng.choice(AWKWARD), f"{tag}-{i}"])
+        rec["site"], rec["agent"] = rng.choice([SITE, *AWKWARD[:11]]), rng.choice([AGENT, *AWKWARD[:11]])
+        job["job_id"] = rng.choice([None, "", job["key"], rng.choice(AWKWARD)])
+        job["key"] = rng.choice([job["key"], rng.choice(AWKWARD)])
+        for s in STATES:
+            rec["energy"]["by_state"][s] = rng.choice(FLOATS + [rng.uniform(0, 50)])
+        for path in ("energy.kwh", "energy.estimated_kwh", "emissions.kgco2e", "emissions.factor.value",
+                     "duration_s", "quality.coverage", "quality.longest_gap_s"):
+            *parents, last = path.split(".")
+            cur = rec
+            for p in parents:
+                cur = cur[p]
+            cur[last] = rng.choice(FLOATS + [rng.uniform(-1e6, 1e6)])
+        rec["seq"] = rng.choice([0, 1, i, 2**63 - 1])
+        rec["quality"]["gap_count"] = rng.choice([0, 3, 2**31])
+        rec["emissions"]["factor"]["id"] = rng.choice(["cn-2023", *AWKWARD])
+        rec["energy"]["method"] = rng.choice(["counter", "power", *AWKWARD])
+        rec["hash"] = rng.choice([rec["hash"], *AWKWARD])
+        rec["start"] = rng.choice([rec["start"], "1970-01-01T00:00:00.000000Z", "1969-12-31T23:59:59.999999Z",
+                                   "2024-02-29T12:00:00.500000Z", "1677-09-22T00:00:00.000000Z",
+                                   "2262-04-10T23:59:59.999999Z"])
+        out.append(json.loads(json.dumps(rec)))  # as the bridge sees it: parsed from JSON
+    return out
+
+
+def test_line_is_exactly_the_point():
+    """record_to_line writes the bytes Point writes, for records that exercise every escaping
+    and number-formatting rule; and these plainly valid records take the fast path."""
+    import random
+
+    from agent.influx import _fast_line, _head, record_to_line
+    rng = random.Random(1790)
+    recs = _variants(rng)
+    for measurement in ("job_energy", "energy use", "a,b=c"):
+        for rec in recs:
+            want = record_to_point(rec, measurement).to_line_protocol().encode("utf-8")
+            assert _fast_line(rec, _head(measurement)) == want, rec
+            assert record_to_line(rec, measurement) == want
+    # Timestamps strptime reads but the fast path leaves to it: still the same point.
+    rec = make_record(1)
+    rec["start"], rec["end"] = "2026-1-5T1:2:3.5Z", "2026-01-05T01:08:03.5Z"
+    assert _fast_line(rec, "job_energy") is None
+    assert record_to_line(rec) == record_to_point(rec).to_line_protocol().encode()
+
+
+def test_line_refuses_what_the_point_refuses_with_the_same_words():
+    """Every malformed record: record_to_line raises the RecordError record_to_point raises."""
+    import random
+
+    from agent.influx import record_to_line
+    rng = random.Random(14067)
+    good = make_record(5)
+    cases = [json.loads(p) for p in _mutations(good)]
+    cases += [None, [], "x", 42, {}, {"schema": "energy-agent.job-record/1"}]
+    odd = [None, True, False, 0, -1, 1.5, 2**63, 2**64, 10**400, float("nan"), float("inf"), "", "1", "\ud800",
+           "x" * 4097, [], {}, [1], {"a": 1}, "2026-01-01T00:00:00.000000Z", "3000-01-01T00:00:00.000000Z",
+           "2026-02-30T00:00:00.000000Z", "2026-01-01T24:00:00.000000Z", "2026-01-01T00:00:60.000000Z",
+           "２０２６-01-01T00:00:00.000000Z"]
+    paths = ["schema", "record_id", "site", "agent", "machine", "seq", "start", "end", "duration_s", "hash",
+             "job", "job.key", "job.job_id", "job.program", "job.product", "job.serial", "job.subassembly",
+             "energy", "energy.kwh", "energy.estimated_kwh", "energy.method", "energy.by_state",
+             *(f"energy.by_state.{s}" for s in STATES), "emissions", "emissions.kgco2e", "emissions.factor",
+             "emissions.factor.value", "emissions.factor.id", "quality", "quality.coverage", "quality.gap_count",
+             "quality.longest_gap_s", "quality.counter_resets"]
+    for _ in range(3000):
+        rec = json.loads(json.dumps(good))
+        for path in rng.sample(paths, rng.choice([1, 1, 2])):
+            *parents, last = path.split(".")
+            cur = rec
+            for p in parents:
+                cur = cur.get(p) if isinstance(cur, dict) else None
+            if isinstance(cur, dict):
+                if rng.random() < 0.1:
+                    cur.pop(last, None)
+                else:
+                    cur[last] = rng.choice(odd)
+        cases.append(rec)
+    errors = 0
+    for rec in cases:
+        want = _outcome(record_to_point, rec)
+        assert _outcome(record_to_line, rec) == want, rec
+        errors += want[0] == "error"
+    assert errors > len(cases) // 2  # the mutations mostly break the record; both builders refuse them
+
+
 def test_bridge_needs_mqtt_and_influx(tmp_path):
     loaded = bridge_config(tmp_path, 1883, {"api": "v1", "url": "http://127.0.0.1:1", "database": "x"})
     for missing in ("mqtt", "influx"):
@@ -324,6 +434,29 @@ async def test_two_clients_with_one_client_id_are_named_once(tmp_path, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) <= 2 * 3
 
 
+async def test_events_after_a_burst_still_wake_the_loop(mosquitto):
+    """During a burst the loop collects paho's events on a timer; once it is over, a single
+    PUBACK or message must wake the loop again on its own (it would hang otherwise)."""
+    sub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="burst-sub", clean_start=True)
+    pub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="burst-pub", max_inflight=200)
+    await sub.connect(5)
+    await sub.subscribe("burst/#", qos=1)
+    await pub.connect(5)
+    try:
+        for round_ in range(3):
+            results = await pub.publish_many([(f"burst/{round_}/{i}", b"x") for i in range(300)])
+            assert not any(results)
+            got = [await sub.next_message(5) for _ in range(300)]
+            assert all(m is not None for m in got)
+            await asyncio.sleep(0.05)  # quiet: the collection timer finds nothing and stops
+            await pub.publish(f"burst/{round_}/single", b"one", timeout=5)  # its PUBACK alone wakes the loop
+            m = await sub.next_message(5)
+            assert m is not None and m.topic == f"burst/{round_}/single"
+    finally:
+        await pub.close()
+        await sub.close()
+
+
 async def test_manual_ack_holds_messages_until_acked(mosquitto):
     pub = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="ma-pub", clean_start=True)
     await pub.connect(5)
@@ -364,6 +497,45 @@ async def test_bridge_to_influxdb_v1_once_and_idempotent(tmp_path, mosquitto, in
     for rec in recs:
         assert_row_matches(by_id[rec["record_id"]], rec)
     assert not bridge.dead and not (tmp_path / "dl.jsonl").read_text()
+
+
+async def test_bridge_in_small_batches_lands_awkward_strings_and_acks_everything(tmp_path, mosquitto, influxdb):
+    """Many small batches (one written while the next is decoded): every point lands with its
+    tags and strings as the record has them, and every message is acknowledged, so a second
+    run of the same bridge session receives nothing again."""
+    influxdb.create_database("bridge_batches")
+    loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url,
+                                                       "database": "bridge_batches", "client_id": "bridge-batches"})
+    recs = make_records(150, machine="bt")
+    # Point's tag escaping, kept as it is: a tag ending in a backslash gets a space appended,
+    # and InfluxDB 1.x reads \t \n \r in a tag as a backslash and a letter. The others round-trip.
+    tags = [s[:200] for s in AWKWARD if not s.endswith("\\") and not any(c in s for c in "\t\n\r")]
+    strings = [s[:200] for s in AWKWARD]
+    for i, rec in enumerate(recs):
+        rec["job"]["program"] = tags[i % len(tags)]
+        rec["emissions"]["factor"]["id"] = strings[(i + 3) % len(strings)]
+
+    def make():
+        return Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl", batch_max=7, batch_window_s=0.01)
+
+    async with Running(make()) as bridge:
+        await publish_all(mosquitto.port, recs, "pub-batches")
+        await until(lambda: bridge.written >= len(recs), 20, f"{len(recs)} writes")
+    assert bridge.written == len(recs) and not bridge.dead
+    rows = rows_by_id(influxdb, "bridge_batches")
+    assert len(rows) == len(recs)
+    for rec in recs:
+        row = rows[rec["record_id"]]
+        assert (row["program"], row["factor_id"], row["serial"]) == (
+            rec["job"]["program"], rec["emissions"]["factor"]["id"], rec["job"]["serial"])
+        assert row["kwh"] == pytest.approx(rec["energy"]["kwh"], abs=1e-12) and row["seq"] == rec["seq"]
+    # Same session again: the broker resends what was never acknowledged first, then a new record.
+    sentinel = make_record(150, machine="bt")
+    async with Running(make()) as again:
+        await publish_all(mosquitto.port, [sentinel], "pub-batches-2")
+        await until(lambda: sentinel["record_id"] in rows_by_id(influxdb, "bridge_batches"), 20, "the new record")
+        await until(lambda: again.written >= 1, 5, "its write to be counted")
+    assert again.written == 1 and not again.dead
 
 
 @pytest.fixture(scope="module")
