@@ -28,7 +28,8 @@ summing per-interval roundings. This is also the fast path: the check of a run r
 only and vectorises (``_counter_run``).
 
 The kernel is O(samples in the window + state changes in it): the first interval is found by
-binary search and the state timeline is walked with a pointer that only moves forward.
+a galloping search from where the previous window ended (from index 0 for the first window)
+and the state timeline is walked with a pointer that only moves forward.
 ``compute_job`` validates inputs and wraps the result; ``compute_jobs`` / ``energy_batch`` do
 the same for many windows of one machine at once (a replay), with ``job_energy_batch`` and its
 ``prange`` twin, bit-identical to ``job_energy`` per window; ``warm_up`` compiles (or loads

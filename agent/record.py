@@ -23,7 +23,7 @@ from agent.errors import RecordError
 
 SCHEMA = "energy-agent.job-record/1"
 GENESIS = "0" * 64
-KERNEL = "job_energy/2"
+KERNEL = "job_energy/3"
 ALLOCATION = "direct"
 """Energy metered inside the job window is the job's; idle time between jobs is not allocated."""
 

@@ -9,16 +9,21 @@ same computation (see ``numpy_batch``) and its result is checked against the ker
 Layout: t float64, e float64 (counter kWh), p float32 (W, as most meters deliver it), states
 as a timeline (float64 time + uint8 code per change, ~0 bytes per sample). In a run of plain
 counter intervals the kernel reads t and e only: 16 bytes per sample; p is read where an
-interval is split or falls back to power.
+interval is split or falls back to power (a run ends on a state change at a sample without
+one: here no interval is split).
 
 1. Streaming references: numba loops summing exactly t and e (the bytes the kernel must read),
    one thread and ``prange`` on two: the memory-bandwidth limit for this layout.
-2. The kernel: ``job_energy_batch`` (one thread) and ``job_energy_batch_parallel`` (two).
+2. The kernel: ``job_energy_batch`` (one thread) and ``job_energy_batch_parallel`` (two); and
+   for information the one-thread kernel with every state change moved between two samples,
+   where each change splits an interval (general path, reads p).
 3. NumPy: per-interval classification (counter, rollover, reset, jump, power fallback, gap),
    then per job and state with ``bincount`` and per job with ``reduceat``, in chunks of jobs.
 
 Prints rates, ratios and the command; nothing here is asserted except that NumPy and the
-kernel agree. Run: make bench   (or: .venv/bin/python benchmarks/bench_kernel.py)
+kernel agree. Every run is timed after a short pause (idle OpenMP workers, see ``main``).
+The references are the fastest loops found: software prefetching (which the kernel's longer
+loop needs) made them slower. Run: make bench   (or: .venv/bin/python benchmarks/bench_kernel.py)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ N = int(float(os.environ.get("BENCH_SAMPLES", "1e8")))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
 MAX_GAP_S, ROLLOVER_KWH, MAX_POWER_W = 5.0, 0.0, 20000.0
 CHUNK = 4_000_000  # samples per NumPy chunk: temporaries of ~10 arrays stay ~0.3 GB
+PAUSE_S = 0.1  # before each timed run (see main)
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -143,6 +149,15 @@ def main() -> None:
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     chunks = energy.batch_chunks(t, t0, t1, numba.get_num_threads())
 
+    # The same changes 0.3 s after their samples (between samples, as OPC UA timestamps fall):
+    # every change then splits an interval, which takes the general path and reads p.
+    st_between = st_t + 0.3
+
+    def kernel_between():
+        for a in out:
+            a[:] = 0.0
+        energy.job_energy_batch(t, e, p, st_between, st_s, t0, t1, *limits, *out)
+
     def kernel_parallel():
         for a in out:
             a[:] = 0.0
@@ -161,12 +176,16 @@ def main() -> None:
     assert np.array_equal(out[2][:, counts], np_q[:, counts]), "NumPy and the kernel count differently"
 
     # Interleaved, best of REPEAT each: the machine may be shared, so every rate sees the same load.
-    names = ["stream1", "stream2", "kernel1", "kernel2", "numpy"]
-    fns = [lambda: stream(t, e), lambda: stream_parallel(t, e), kernel, kernel_parallel,
+    # A pause before each: after a parallel region the OpenMP workers spin for some milliseconds
+    # (GOMP_SPINCOUNT), which would slow whatever runs next on the other core (measured: the
+    # one-thread kernel run right after the prange reference lost a third of its rate).
+    names = ["stream1", "stream2", "kernel1", "kernel2", "between", "numpy"]
+    fns = [lambda: stream(t, e), lambda: stream_parallel(t, e), kernel, kernel_parallel, kernel_between,
            lambda: numpy_batch(t, e, p, st_t, st_s, t0, t1)]
     times = {n: float("inf") for n in names}
     for _ in range(REPEAT):
         for n, fn in zip(names, fns):
+            time.sleep(PAUSE_S)
             s = time.perf_counter()
             fn()
             times[n] = min(times[n], time.perf_counter() - s)
@@ -182,6 +201,8 @@ def main() -> None:
           f"  = {rate['kernel1'] / rate['stream1']:.2f} of the 1-thread limit")
     print(f"job_energy_batch_parallel, 2 thr: {rate['kernel2'] / 1e6:8.1f} M samples/s  ({rate['kernel2'] * b / 1e9:5.2f} GB/s)"
           f"  = {rate['kernel2'] / rate['stream2']:.2f} of the 2-thread limit")
+    print(f"job_energy_batch, changes between samples, 1 thread: {rate['between'] / 1e6:.1f} M samples/s"
+          f"  = {rate['between'] / rate['stream1']:.2f} of the 1-thread limit (a split interval per change)")
     print(f"NumPy (chunked bincount+reduceat):{rate['numpy'] / 1e6:8.1f} M samples/s"
           f"  kernel = {rate['kernel1'] / rate['numpy']:.1f}x (1 thread), {rate['kernel2'] / rate['numpy']:.1f}x (2)")
     print(f"command: BENCH_SAMPLES={N:.0e} BENCH_REPEAT={REPEAT} {os.path.basename(sys.executable)} benchmarks/bench_kernel.py")

@@ -253,6 +253,52 @@ def test_back_to_back_jobs_add_up_to_the_counter_difference():
     assert q[:, Q_POWER_KWH].sum() == 0.0 and q[:, Q_GAPS].sum() == 0.0
 
 
+def test_windows_in_any_order_equal_job_energy_exactly(data):
+    # The batch starts each window's search where the last one ended: any order must give the
+    # same rows (searches forward, backward, from beyond the data).
+    t, e, p, st_t, st_s, t0, t1 = data
+    order = np.random.default_rng(5).permutation(len(t0))
+    kwh, est, q = energy_batch(t, e, p, st_t, st_s, t0[order], t1[order], 5.0, ROLLOVER_KWH, MAX_POWER_W)
+    for row, k in enumerate(order):
+        one = energy.job_energy(t, e, p, st_t, st_s, t0[k], t1[k], 5.0, ROLLOVER_KWH, MAX_POWER_W)
+        for got, want in zip((kwh[row], est[row], q[row]), one):
+            assert np.array_equal(got, want), k
+
+
+def test_galloping_search_equals_searchsorted():
+    # The batch's search from a hint must find what a binary search finds, whatever the hint,
+    # with repeated values (state changes at the same time) and values outside the array.
+    from agent import kernels
+
+    rng = np.random.default_rng(11)
+    for size in (1, 2, 3, 17, 1000):
+        a = np.sort(rng.integers(0, size, size).astype(np.float64))
+        for x in np.concatenate((a, a + 0.5, [-1.0, size + 1.0, np.nan])):
+            want = max(int(np.searchsorted(a, x, side="right")) - 1, 0)
+            for h in {0, size // 2, size - 1, size + 5}:
+                assert kernels._last_at_or_before(a, x, np.uintp(h)) == want, (size, x, h)
+
+
+def test_infinite_counter_readings_are_never_energy_without_a_power_limit():
+    # With max_power_w = 0 the jump limit is infinite: only the finiteness of the readings
+    # keeps an infinite counter value out of a run (the block check caps the limit for it).
+    t, e, p, st_t, st_s, t0, t1 = plant(5, n=3000, faults=False)
+    e = e.copy()
+    e[[700, 701, 1500]] = np.inf
+    t0 = np.append(t0, [t[1200], t[600]])  # windows ending on them: a run would end there
+    t1 = np.append(t1, [t[1500], t[700]])
+    kwh, _, q = energy_batch(t, e, p, st_t, st_s, t0, t1, 5.0, ROLLOVER_KWH, 0.0)
+    assert np.all(np.isfinite(kwh)) and np.all(np.isfinite(q))
+    assert q[:, Q_POWER_KWH].sum() > 0.0  # the intervals next to them fell back to power
+    for k in range(len(t0)):
+        ref_kwh, ref_q = reference(t, e, p, st_t, st_s, t0[k], t1[k], 5.0, ROLLOVER_KWH, 0.0)
+        # As in test_runs_follow_the_interval_by_interval_method: 1e-9 kWh bounds the
+        # roundings of per-interval parts of ~1.2e4 kWh readings that runs do not make.
+        assert np.allclose(kwh[k], ref_kwh, rtol=0, atol=1e-9), k
+        assert np.allclose(q[k, [Q_COUNTER_KWH, Q_POWER_KWH]], ref_q[[Q_COUNTER_KWH, Q_POWER_KWH]], rtol=0,
+                           atol=1e-9), k
+
+
 def test_invalid_windows_are_named():
     t, e, p, st_t, st_s, t0, t1 = plant(1, n=400)
     with pytest.raises(ValueError, match="job window 1 ends before it starts"):
