@@ -25,6 +25,7 @@ lives on the loop side. Nothing from paho crosses this module: failures become
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -405,6 +406,27 @@ class MqttClient:
         nothing within ``timeout``)."""
         loop = asyncio.get_running_loop()
         slots: list[asyncio.Future | DeliveryError] = []
+        with self._one_wake(len(items) > 1):
+            self._publish_all(items, qos, loop, slots)
+        waiting = [f for f in slots if isinstance(f, asyncio.Future)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        out: list[DeliveryError | None] = []
+        for slot in slots:
+            if isinstance(slot, DeliveryError):
+                out.append(slot)
+            elif not slot.done():
+                slot.cancel()
+                out.append(DeliveryError(f"{self.where}: no acknowledgement within {timeout:g} s "
+                                         f"({'connected' if self.connected else self._last_error})"))
+            else:
+                exc = slot.exception()
+                out.append(exc if isinstance(exc, DeliveryError) or exc is None else DeliveryError(str(exc)))
+        if any(not f.done() or f.cancelled() for f in waiting):
+            self._pending = {mid: f for mid, f in self._pending.items() if not f.done()}
+        return out
+
+    def _publish_all(self, items, qos: int, loop, slots: list) -> None:
         for topic, payload in items:
             if not self.connected:
                 slots.append(DeliveryError(f"{self.where}: publish to {topic}: not connected ({self._last_error})"))
@@ -423,23 +445,27 @@ class MqttClient:
             else:
                 self._pending[info.mid] = fut
             slots.append(fut)
-        waiting = [f for f in slots if isinstance(f, asyncio.Future)]
-        if waiting:
-            await asyncio.wait(waiting, timeout=timeout)
-        out: list[DeliveryError | None] = []
-        for slot in slots:
-            if isinstance(slot, DeliveryError):
-                out.append(slot)
-            elif not slot.done():
-                slot.cancel()
-                out.append(DeliveryError(f"{self.where}: no acknowledgement within {timeout:g} s "
-                                         f"({'connected' if self.connected else self._last_error})"))
-            else:
-                exc = slot.exception()
-                out.append(exc if isinstance(exc, DeliveryError) or exc is None else DeliveryError(str(exc)))
-        if any(not f.done() or f.cancelled() for f in waiting):
-            self._pending = {mid: f for mid, f in self._pending.items() if not f.done()}
-        return out
+
+    @contextlib.contextmanager
+    def _one_wake(self, batch: bool):
+        """paho writes a byte to its network thread's wake-up socket for every packet it
+        queues; for a batch, wake it once at the end instead (the thread then writes all the
+        queued packets in one go). The batch runs on the event loop without yielding; paho
+        makes a new pair only in loop_start (same thread), and if one appeared it is kept."""
+        wake = getattr(self._c, "_sockpairW", None) if batch else None
+        if wake is None:
+            yield
+            return
+        self._c._sockpairW = None
+        try:
+            yield
+        finally:
+            if self._c._sockpairW is None:
+                self._c._sockpairW = wake
+                try:
+                    wake.send(b"0")
+                except OSError:  # full (the thread is awake anyway) or closed by a reconnect
+                    pass
 
     async def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 10.0) -> None:
         """Subscribe (kept, and issued again on every reconnect).

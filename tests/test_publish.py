@@ -63,3 +63,30 @@ async def test_outbox_drains_and_survives_a_broker_outage(tmp_path):
 
 async def _pending_is(ledger, n):
     return await ledger.pending() == n
+
+
+async def test_a_batch_wakes_the_network_thread_once_and_every_message_arrives(tmp_path):
+    # publish_many takes paho's wake-up socket away for the batch and gives it back: the batch
+    # and a single publish after it must all reach a subscriber, in order.
+    broker = Mosquitto().start(tmp_path / "broker")
+    sub = MqttClient(host="127.0.0.1", port=broker.port, client_id="batch-consumer")
+    pub = MqttClient(host="127.0.0.1", port=broker.port, client_id="batch-publisher")
+    try:
+        await sub.connect(5)
+        await sub.subscribe("t/#", qos=1)
+        await pub.connect(5)
+        wake = pub._c._sockpairW
+        assert wake is not None
+        results = await pub.publish_many([("t/batch", str(k).encode()) for k in range(300)])
+        assert results == [None] * 300 and pub._c._sockpairW is wake
+        await pub.publish("t/single", b"after")
+        got = []
+        while len(got) < 301:
+            m = await sub.next_message(timeout=10)
+            assert m is not None, f"subscriber got {len(got)} of 301"
+            got.append(m.payload)
+        assert got == [str(k).encode() for k in range(300)] + [b"after"]
+    finally:
+        await pub.close()
+        await sub.close()
+        broker.stop()
