@@ -32,8 +32,10 @@ a galloping search from where the previous window ended (from index 0 for the fi
 and the state timeline is walked with a pointer that only moves forward.
 ``compute_job`` validates inputs and wraps the result; ``compute_jobs`` / ``energy_batch`` do
 the same for many windows of one machine at once (a replay), with ``job_energy_batch`` and its
-``prange`` twin, bit-identical to ``job_energy`` per window; ``warm_up`` compiles (or loads
-from cache) the kernels so that no poll ever waits for the compiler.
+``prange`` twin, bit-identical to ``job_energy`` per window. The kernels themselves live in
+``agent.kernels``; ``compute_job`` runs ``job_energy`` compiled ahead of time when that build
+exists (``agent.aot``: no numba in the process), else numba's JIT. ``warm_up`` loads the one
+``compute_job`` uses and ``warm_up_batch`` the batch kernels, so no poll waits for a compiler.
 """
 
 from __future__ import annotations
