@@ -76,6 +76,9 @@ class Publisher:
         self.retry_max_s = retry_max_s
         self._wake = asyncio.Event()
         self.sent = 0
+        self.resend_cutoff = float("-inf")
+        """The resend cut-off (UTC s) of the last outbox scan: every unconfirmed record sent
+        before it has been published again by now."""
 
     def notify(self) -> None:
         """A record was committed: drain now rather than at the next periodic check."""
@@ -170,6 +173,8 @@ class Publisher:
                 ok, err = await self._send(rows)
                 await self.ledger.mark_sent(ok)
                 self.sent += len(ok)
+                if resend_before is not None and err is None:
+                    self.resend_cutoff = resend_before
                 if err is None:
                     backoff = 0.0
                     continue
@@ -181,5 +186,7 @@ class Publisher:
                 backoff = min(self.retry_max_s, max(0.5, backoff * 2))
                 wait = backoff
             else:
+                if resend_before is not None:
+                    self.resend_cutoff = resend_before
                 wait = min(5.0, self.resend_after_s / 4) if self.confirm_by else 5.0
             await wait_any(self._wake, stop, wait)

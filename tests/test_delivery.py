@@ -138,10 +138,15 @@ async def test_unconfirmed_records_are_published_again(tmp_path, caplog):
                                ('{"by": "store", "records": [%s]}' % ",".join(f'"{r["record_id"]}"' for r in recs))
                                .encode())
         await until(lambda: unconfirmed_is_zero(ledger), 10, "the confirmation stored")
-        await asyncio.sleep(2.5)  # more than twice resend_after_s: a confirmed record stays put
+        # A confirmed record stays put: wait for outbox scans whose resend cut-off is past the
+        # confirmation, when any unconfirmed record would have gone out again, then once more
+        # for anything still on its way to the consumer.
+        confirmed_at = time.time()
+        await until(lambda: publisher.resend_cutoff > confirmed_at, 10, "a resend scan after the confirmation")
         await got(0)
         n = len(seen)
-        await asyncio.sleep(1.5)
+        later = time.time()
+        await until(lambda: publisher.resend_cutoff > later, 10, "another resend scan")
         await got(0)
         assert len(seen) == n
         assert publisher.confirmed == 3
