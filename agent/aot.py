@@ -41,8 +41,8 @@ def module_name() -> str:
     return f"job_energy_{source_key()}"
 
 
-def module_path(directory: Path = AOT_DIR) -> Path:
-    return directory / (module_name() + importlib.machinery.EXTENSION_SUFFIXES[0])
+def module_path(directory: Path | None = None) -> Path:
+    return (directory or AOT_DIR) / (module_name() + importlib.machinery.EXTENSION_SUFFIXES[0])
 
 
 def describe_missing() -> str:
@@ -50,7 +50,7 @@ def describe_missing() -> str:
             "run `energy-agent kernels build`")
 
 
-def load(directory: Path = AOT_DIR) -> Callable | None:
+def load(directory: Path | None = None) -> Callable | None:
     """``job_energy`` from the build for the current source, or None when there is none."""
     path = module_path(directory)
     if not path.is_file():
@@ -61,7 +61,7 @@ def load(directory: Path = AOT_DIR) -> Callable | None:
     return mod.job_energy
 
 
-def build(directory: Path = AOT_DIR) -> Path:
+def build(directory: Path | None = None) -> Path:
     """Compile the current ``job_energy`` into ``directory`` (needs a C compiler and the Python
     headers; ~10 s) and remove builds of older sources there. Returns the module's path."""
     import warnings
@@ -74,6 +74,7 @@ def build(directory: Path = AOT_DIR) -> Path:
 
     from agent import kernels
 
+    directory = directory or AOT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     cc = CC(module_name())
     cc.output_dir = str(directory)

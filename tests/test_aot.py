@@ -70,8 +70,6 @@ def test_kernel_choice_is_validated_and_missing_build_is_explained(monkeypatch, 
         energy.live_kernel()
     monkeypatch.setenv("ENERGY_AGENT_KERNEL", "aot")
     monkeypatch.setattr(aot, "AOT_DIR", tmp_path)
-    monkeypatch.setattr(aot.load, "__defaults__", (tmp_path,))
-    monkeypatch.setattr(aot.module_path, "__defaults__", (tmp_path,))
     with pytest.raises(RuntimeError, match="energy-agent kernels build"):
         energy.live_kernel()
     monkeypatch.setenv("ENERGY_AGENT_KERNEL", "jit")
