@@ -182,9 +182,12 @@ class CncDevice(_Model):
     settle_s: float | None = Field(
         None, ge=0, le=60, description=(
             "how long an instant's changes (one SourceTimestamp) are held for more of them before the "
-            "machine sees the instant; default 1.5 x interval_s (a server's updates of one instant split "
-            "over two publish responses still merge); 0: hand over at the end of each publish response "
-            "or poll (for servers that update an instant's nodes at once)"))
+            "machine sees the instant. Default: on a subscription, until the end of a publish response "
+            "the server built more than 0.05 s after it received the instant's first value (by "
+            "PublishTime and ServerTimestamp), else 1.5 x interval_s of quiet (a server's updates of "
+            "one instant split over two publish responses still merge); a number: that quiet period; "
+            "0: hand over at the end of each publish response or poll (for servers that update an "
+            "instant's nodes at once)"))
 
 
 class ProgramInfo(_Model):

@@ -247,6 +247,8 @@ class Agent:
 
     def _report_stats(self) -> None:
         w = self.stats.window()
+        # CNC instants handed over at the end of a publish response, and after a quiet period
+        w["cnc_instants"] = {k: sum(d.settled[k] for d in self.cncs) for k in ("publish", "quiet")}
         log.info("stats: %d polls in window, lateness p50 %.1f ms p99 %.1f ms max %.1f ms; totals: polls %d, "
                  "errors %d, skipped ticks %d, records %d", w["window_polls"], w["late_p50_ms"], w["late_p99_ms"],
                  w["late_max_ms"], w["polls"], w["poll_errors"], w["skipped_ticks"], w["records"])

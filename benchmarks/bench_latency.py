@@ -10,9 +10,12 @@ answer holds the point. Latency = that instant - the job's end; it is an upper b
 high by at most the polling period plus one query's duration (both printed).
 
 The agent's own log line of each record (written after the ledger commit) splits the latency
-into end -> committed (the CNC's next publish response, then its ``settle_s``, 1.5 publishing
-intervals by default, both plant time, so they shrink with the speed-up; then a meter read the
-agent starts at once) and committed -> queryable (MQTT, bridge, InfluxDB: real time).
+into end -> committed (the CNC's next publish response; with the default ``settle_s`` the job's
+last instant is handed over at the end of that response when the server built it more than
+WRITE_SPREAD_S after the instant, else after 1.5 publishing intervals of quiet; with a number,
+after that quiet period; plant time, so it shrinks with the speed-up; then a meter read the
+agent starts at once) and committed -> queryable (MQTT, bridge, InfluxDB: real time). The
+agent's stats file says how many instants were handed over each way.
 
 Run: .venv/bin/python benchmarks/bench_latency.py [--jobs 200] [--speed 10] [--machines 20]
 """
@@ -20,6 +23,7 @@ Run: .venv/bin/python benchmarks/bench_latency.py [--jobs 200] [--speed 10] [--m
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -88,7 +92,8 @@ def main() -> int:
         bridge = bl.start_agent(bcfg, blog, core=None, command="bridge")
         cfg = bl.agent_config(workdir, info, **common)
         log = workdir / "agent.log"
-        agent = bl.start_agent(cfg, log, core=None)
+        stats = workdir / "stats.json"
+        agent = bl.start_agent(cfg, log, core=None, stats_file=stats, stats_interval=60.0)
         bl.wait_for(lambda: bl.log_has(blog, "bridge running"), 60, "the bridge", ((bridge, blog),))
         bl.wait_for(lambda: bl.log_has(log, "all devices answering"), 60, "the agent", ((agent, log),))
         ends = {(m["id"], j["job_id"]): anchor + (j["start_s"] + args.job_s) / args.speed
@@ -100,8 +105,8 @@ def main() -> int:
         wanted = dict(sorted(ends.items(), key=lambda kv: kv[1])[:args.jobs])
         print(f"bench_latency: {len(wanted)} jobs on {args.machines} machines at {args.speed:g}x "
               f"(jobs {args.job_s:g} s, "
-              f"meter poll {args.poll_s:g} s, CNC interval {args.cnc_interval_s:g} s, settle "
-              f"{'1.5 intervals' if args.settle_s is None else f'{args.settle_s:g} s'}, plant time); "
+              f"meter poll {args.poll_s:g} s, CNC interval {args.cnc_interval_s:g} s, settle_s "
+              f"{'default' if args.settle_s is None else f'{args.settle_s:g} s'}, plant time); "
               f"the last ends in {max(wanted.values()) - time.time():.0f} s; in {workdir}", flush=True)
         deadline = max(wanted.values()) + 60
         while len(seen) < len(wanted) and time.time() < deadline:
@@ -142,8 +147,15 @@ def main() -> int:
           f"each latency is high by at most {resolution:.3f} s; log stamps 1 ms")
     settle = 1.5 * args.cnc_interval_s if args.settle_s is None else args.settle_s
     plant_wait = args.cnc_interval_s + settle
-    print(f"plant-time waits: <= {plant_wait / args.speed:.3f} s real at this speed (the CNC's next publish, "
-          f"then settle_s; the meter is read at once at a job end), <= {plant_wait:.2f} s at 1x")
+    print(f"plant-time waits: <= {args.cnc_interval_s / args.speed:.3f} s real at this speed for the CNC's next "
+          f"publish, then for an instant the response may have split, settle_s: <= {plant_wait / args.speed:.3f} s "
+          f"(the meter is read at once at a job end)")
+    try:
+        instants = json.loads(stats.read_text())["cnc_instants"]
+        print(f"CNC instants handed over at the end of their publish response: {instants['publish']}, "
+              f"after settle_s of quiet: {instants['quiet']} (the others: by the next instant)")
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"no CNC instant counts in the agent's stats file: {exc}")
     missing = len(wanted) - len(keys)
     print()
     print(f"figure: job end -> queryable in InfluxDB over {len(keys)} jobs: p50 {pct(total, 50):.3f} s, "

@@ -31,6 +31,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +59,49 @@ KEEPALIVE_COUNT = 3
 """Publishing intervals without news after which the server sends a keep-alive."""
 MIN_WATCHDOG_S = 2.0
 """Floor of the keep-alive watchdog in real seconds (accelerated plants have tiny intervals)."""
+WRITE_SPREAD_S = 0.05
+"""Real seconds within which a server is taken to have written every node of one instant (by
+its ServerTimestamps). With the default ``settle_s``, an instant is complete at the end of a
+publish response the server built more than this after the instant's first value reached it."""
 POLICIES = {"Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256}
 MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
+
+
+def _epoch(stamp: datetime) -> float:
+    """An OPC UA UtcTime as seconds since the epoch (a naive datetime is UTC)."""
+    return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@dataclass(frozen=True)
+class _Published:
+    """Follows the events of one publish response in a subscription's event stream."""
+
+    at: float
+    """The server's PublishTime (s since the epoch): every change the server had queued by then
+    is in this response or an earlier one."""
+
+
+def _mark_publishes(sub: Any) -> bool:
+    """Have every publish response of ``sub`` followed, in its event stream, by a
+    :class:`_Published` with the response's PublishTime, which asyncua does not hand on with the
+    events: the callback the session calls for this subscription is wrapped. False (and
+    nothing changed) where asyncua is laid out differently; the driver then waits ``settle_s``."""
+    callbacks = getattr(sub.server, "_subscription_callbacks", None)
+    deliver = getattr(sub, "_deliver", None)
+    if not isinstance(callbacks, dict) or sub.subscription_id not in callbacks or not callable(deliver):
+        return False
+    inner = callbacks[sub.subscription_id]
+
+    async def publish_callback(result: ua.PublishResult) -> None:
+        await inner(result)
+        msg = result.NotificationMessage
+        # A status change may be made up by the client itself (connection lost): no server time.
+        if msg.PublishTime is not None and not any(
+                isinstance(n, ua.StatusChangeNotification) for n in msg.NotificationData or ()):
+            deliver(_Published(_epoch(msg.PublishTime)))
+
+    callbacks[sub.subscription_id] = publish_callback
+    return True
 
 
 def _plain(value: Any) -> Any:
@@ -265,6 +307,8 @@ class CncDriver:
         self._pending_t: float | None = None
         self._pending_key: float | str | None = None
         self._pending_wall = 0.0
+        self._pending_received: float | None = None
+        self._pending_unstamped = False
         self.last_wall = 0.0
         self._batch = 0
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -272,11 +316,22 @@ class CncDriver:
                         else self.clock.real_seconds(settle_s))
         """Real seconds without news after which an instant is complete (default > one publishing
         interval); 0: complete at the end of the publish response or poll that brought it."""
+        self.by_publish_time = settle_s is None and mode == "subscribe" and self.use_source
+        """Default ``settle_s`` on a subscription: an instant is also complete at the end of a
+        publish response built WRITE_SPREAD_S after the server received its first value."""
+        self.next_publish_s = 1.25 * self.clock.real_seconds(interval_s) + 0.05
+        """Real seconds within which the server's next publish response comes (one interval and
+        a margin for timer and transport jitter): how long an instant whose response was built
+        within WRITE_SPREAD_S of it waits, when publish times are seen, for the rest of it."""
+        self._marked = False
+        self.settled = {"publish": 0, "quiet": 0}
+        """Instants handed over at the end of a publish response (by PublishTime, or every one
+        with settle_s 0) and after a quiet period."""
 
     # ----------------------------------------------------------------------- stamping
 
-    def _apply(self, changes: list[tuple[str, Any, datetime | None, bool]]) -> None:
-        """Merge (point, value, source time, good) changes into per-instant snapshots.
+    def _apply(self, changes: list[tuple]) -> None:
+        """Merge (point, value, source time, good[, server time]) changes into per-instant snapshots.
 
         Changes stamped with the same instant may arrive in separate notifications (a server
         updates nodes one by one). They are merged, and the snapshot of an instant is emitted
@@ -284,12 +339,16 @@ class CncDriver:
         tracker never sees a half-applied instant (state active, job id not yet set).
         Instants are identified by their SourceTimestamp (with ``timestamps: received``, by the
         notification batch) and placed on the monotonic axis no later than their arrival and
-        no earlier than the previous instant.
+        no earlier than the previous instant. The server time (ServerTimestamp, s since the epoch,
+        or None) says when the server received the value: see :meth:`_published`.
         """
         mono, wall = self.clock.now()
         self._batch += 1
         items = []
-        for q, v, src, good in changes:
+        for q, v, src, good, *more in changes:
+            received = more[0] if more else None
+            if received is not None and src is not None and received == _epoch(src):
+                received = None  # a copy of the source time, not the server's own
             if self.use_source and src is not None:
                 if src.tzinfo is None:
                     src = src.replace(tzinfo=timezone.utc)
@@ -297,9 +356,9 @@ class CncDriver:
                 t, w = (mono - (wall - key), key) if key < wall else (mono, wall)
             else:
                 key, t, w = f"batch {self._batch}", mono, wall
-            items.append((t, w, key, q, v, good))
+            items.append((t, w, key, q, v, good, received))
         items.sort(key=lambda c: c[0])
-        for t, w, key, q, v, good in items:
+        for t, w, key, q, v, good, received in items:
             pk = self._pending_key
             if self._pending_t is not None and not (
                 key == pk or (isinstance(key, float) and isinstance(pk, float) and key < pk)
@@ -310,13 +369,41 @@ class CncDriver:
                     t, w = self.last_t, self.last_wall
                 self._pending_t, self._pending_wall, self._pending_key = t, w, key
             self._pending[q] = (v, good)
+            if received is None:
+                self._pending_unstamped = True
+            elif self._pending_received is None or received < self._pending_received:
+                self._pending_received = received
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         if self._pending_t is not None:
             if self.quiet_s <= 0.0:
+                self.settled["publish"] += 1
                 self._flush()
             else:
-                self._flush_timer = asyncio.get_running_loop().call_later(self.quiet_s, self._flush)
+                wait = self.next_publish_s if self._marked and not self._pending_unstamped else self.quiet_s
+                self._flush_timer = asyncio.get_running_loop().call_later(wait, self._quiet)
+
+    def _quiet(self) -> None:
+        self._flush_timer = None
+        if self._pending_t is not None:
+            self.settled["quiet"] += 1
+        self._flush()
+
+    def _published(self, at: float) -> None:
+        """The server built a publish response at ``at`` (its clock) and its changes are applied.
+
+        A server that updates an instant's nodes one by one can have a response built between
+        two of those updates, and the rest comes a publishing interval later. Every node of an
+        instant reaches the server within WRITE_SPREAD_S of the first, so a response built later
+        than that holds all of them that changed: the instant is complete without waiting. One
+        built sooner is complete at the next response built later than that, or when none has
+        come for ``next_publish_s`` (the server had nothing more to send). An instant with a
+        value lacking a ServerTimestamp of its own waits ``quiet_s``.
+        """
+        if (self.by_publish_time and self._pending_t is not None and not self._pending_unstamped
+                and self._pending_received is not None and at - self._pending_received > WRITE_SPREAD_S):
+            self.settled["publish"] += 1
+            self._flush()
 
     def _flush(self) -> None:
         if self._flush_timer is not None:
@@ -325,7 +412,8 @@ class CncDriver:
         if self._pending_t is None:
             return
         t, wall = self._pending_t, self._pending_wall
-        self._pending_t = self._pending_key = None
+        self._pending_t = self._pending_key = self._pending_received = None
+        self._pending_unstamped = False
         bad = []
         for q, (v, good) in self._pending.items():
             if good:
@@ -409,6 +497,10 @@ class CncDriver:
         params.PublishingEnabled = True
         params.Priority = 0
         sub = await client.create_subscription(params, None, queue_maxsize=10000)
+        self._marked = marked = self.by_publish_time and _mark_publishes(sub)
+        if self.by_publish_time and not marked:
+            log.warning("%s: publish times not available from this asyncua; an instant is handed over after "
+                        "settle_s (%.3g real s of quiet)", self.device_id, self.quiet_s)
         async with sub:
             await sub.subscribe_data_change(list(nodes.values()), queuesize=100, sampling_interval=0)
             period_s = params.RequestedPublishingInterval / 1000.0
@@ -438,6 +530,12 @@ class CncDriver:
                     batch.append(ev)
                 changes = []
                 for ev in batch:
+                    if isinstance(ev, _Published):
+                        if changes:
+                            self._apply(changes)
+                            changes = []
+                        self._published(ev.at)
+                        continue
                     if isinstance(ev, StatusChangeEvent):
                         raise DeviceError(f"{self.device_id}: subscription status {ev.notification.Status}")
                     if not isinstance(ev, DataChangeEvent):
@@ -447,7 +545,8 @@ class CncDriver:
                         continue
                     dv = ev.data.monitored_item.Value
                     good = dv.StatusCode is None or dv.StatusCode.is_good()
-                    changes.append((q, ev.value, dv.SourceTimestamp, good))
+                    srv = dv.ServerTimestamp
+                    changes.append((q, ev.value, dv.SourceTimestamp, good, None if srv is None else _epoch(srv)))
                 if changes:
                     self._apply(changes)
 
@@ -500,7 +599,7 @@ class CncDriver:
                     else:
                         await self._follow_polling(client, nodes, stop)
                 finally:
-                    self.subscribed = False
+                    self.subscribed = self._marked = False
                     self._flush()
                     try:
                         await asyncio.wait_for(client.disconnect(), self.timeout_s)

@@ -14,8 +14,9 @@ registered on the server).
 Values follow each machine's timeline (:attr:`simulators.scenario.Timeline.cnc_changes`). An
 update task runs every ``tick_s`` (10 ms) real seconds and publishes every change whose
 instant has passed, in order, each with its *exact* instant as SourceTimestamp (anchor +
-change time; ServerTimestamp = the scenario clock's now). All nodes changing at one instant
-share one SourceTimestamp. When the task falls behind, each intermediate change is still
+change time; ServerTimestamp = the real time of the write, the server's clock as in its publish
+responses). All nodes changing at one instant share one SourceTimestamp and are written at once,
+or ``write_spread_s`` apart (a server that updates them one by one). When the task falls behind, each intermediate change is still
 written on its own, so a subscriber with a queue observes every one of them.
 
 Faults of kind ``cnc_bad_status`` become events: at ``from_s`` the point's value is sent with
@@ -198,8 +199,11 @@ class CncBank:
     """Serves every CNC of a scenario from one OPC UA server."""
 
     def __init__(self, scenario: Scenario, clock: Clock, *, host: str = "127.0.0.1", port: int = 4840,
-                 tick_s: float = TICK_S, security: ServerSecurity | None = None):
+                 tick_s: float = TICK_S, security: ServerSecurity | None = None, write_spread_s: float = 0.0):
         self.scenario = scenario
+        self.write_spread_s = write_spread_s
+        """Real seconds between the node writes of one instant (0: all at once). A server that
+        updates an instant's nodes one by one can split them over two publish responses."""
         self.security = security
         self.clock = clock
         self.host = host
@@ -361,10 +365,10 @@ class CncBank:
             last = self.shown.setdefault(machine, {}).get(point)
             dv = ua.DataValue(ua.Variant(last, vt) if last is not None else ua.Variant(),
                               StatusCode=ua.StatusCode(BAD_STATUS),
-                              SourceTimestamp=stamp, ServerTimestamp=_utc(self.clock.wall()))
+                              SourceTimestamp=stamp, ServerTimestamp=datetime.now(timezone.utc))
         else:
             self.shown.setdefault(machine, {})[point] = value
-            dv = ua.DataValue(ua.Variant(value, vt), SourceTimestamp=stamp, ServerTimestamp=_utc(self.clock.wall()))
+            dv = ua.DataValue(ua.Variant(value, vt), SourceTimestamp=stamp, ServerTimestamp=datetime.now(timezone.utc))
         await self.server.write_attribute_value(nodeid, dv)
         self.writes += 1
 
@@ -376,7 +380,9 @@ class CncBank:
             while i < len(events) and events[i][0] <= now:
                 t, changed = events[i]
                 stamp = _utc(self.clock.anchor + t)
-                for q, v in changed.items():
+                for k, (q, v) in enumerate(changed.items()):
+                    if k and self.write_spread_s > 0:
+                        await asyncio.sleep(self.write_spread_s)
                     await self._write(machine, q, v, stamp)
                 i += 1
                 batch += 1

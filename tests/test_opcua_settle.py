@@ -1,0 +1,109 @@
+"""An instant's nodes written one by one are still one snapshot, handed over without waiting.
+
+The simulated CNC writes the nodes of each instant ``write_spread_s`` apart, like a server that
+updates them one at a time, and its publishing interval is short, so that publish responses
+often fall between two writes of one instant. Two drivers follow the same machine:
+
+- with the default ``settle_s``, every snapshot must be the machine's full state at one of its
+  instants, each instant exactly once and in order, and instants must be handed over at the end
+  of a publish response (by its PublishTime) rather than only after the quiet period;
+- with ``settle_s: 0`` (hand over at the end of every response), half-written instants must
+  show: the control that this server does split instants, so the first check can fail.
+"""
+
+import asyncio
+import math
+import time
+
+from agent.clock import Clock
+from drivers import opcua
+from drivers.opcua import CncDriver
+from drivers.profile import load_nodemap
+from simulators import scenario as scn
+from simulators.cnc import BAD, CncBank, cnc_events
+from simulators.services import free_port
+
+SPEED = 50.0
+INTERVAL_S = 4.5  # plant s: 0.09 real s of publishing interval; instants every 5 or 10 plant s fall
+# at every phase of it
+SPREAD_S = 0.005  # real s between two node writes: an instant of 7 nodes spans 30 ms < WRITE_SPREAD_S
+FIRST_S, EVERY_S, JOBS = 350.0, 35.0, 20  # the first job 7 real s after the anchor: server and drivers are up
+
+
+def _scenario() -> scn.Scenario:
+    jobs = [{"job_id": f"J-{k}", "program": f"O{k % 3}", "product": "P", "serial": f"SN-{k}",
+             "subassembly": "S", "parts": 1 + k % 2, "start_s": FIRST_S + k * EVERY_S,
+             "phases": [["setup", 10.0], ["processing", 15.0]]} for k in range(JOBS)]
+    machine = {"id": "m1", "meter": {"unit_id": 1, "profile": "eastron-sdm630", "energy_offset_kwh": 10.0},
+               "cnc": {"node_map": "opc40502", "channel": "M1.Channel_1", "job": "M1.Job"},
+               "power_w": {"ready": 1000, "setup": 2000, "processing": 8000}, "idle_state": "ready", "jobs": jobs}
+    return scn.parse({"name": "settle", "speed": SPEED, "duration_s": FIRST_S + JOBS * EVERY_S + 30.0,
+                      "namespace": "urn:energy-agent:settle", "machines": [machine], "faults": []})
+
+
+def _truth(s: scn.Scenario) -> list[dict]:
+    """The machine's full CNC state after each instant, in order."""
+    state: dict = {}
+    out = []
+    for t, changed in cnc_events(s, s.machines[0]):
+        state.update(changed)
+        if math.isfinite(t):
+            out.append({q: v for q, v in state.items() if v is not BAD})
+    return out
+
+
+async def _follow(s: scn.Scenario, settles: list[float | None], until_s: float) -> tuple[list, list[list]]:
+    """Drivers with these settle_s on one machine of a spreading CNC server, until plant time
+    ``until_s``; their snapshots from just before the first job."""
+    clock = Clock(speed=SPEED, anchor=time.time())
+    port = free_port()
+    nm = load_nodemap("opc40502")
+    ids = nm.resolve({"namespace": s.namespace, "channel": "M1.Channel_1", "job": "M1.Job"})
+    readings: list[list] = [[] for _ in settles]
+    drivers = [CncDriver(f"cnc-{k}", f"opc.tcp://127.0.0.1:{port}", nm, ids, clock, readings[k].append,
+                         interval_s=INTERVAL_S, timeout_s=2.0, settle_s=settle) for k, settle in enumerate(settles)]
+    stop = asyncio.Event()
+    bank = CncBank(s, clock, port=port, write_spread_s=SPREAD_S)
+    await bank.start()
+    tasks = [asyncio.create_task(d.run(stop)) for d in drivers]
+    try:
+        deadline = time.monotonic() + 60.0
+        while not all(d.subscribed for d in drivers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert clock.wall() < clock.anchor + FIRST_S - 1.0, "subscribed only after the first job started"
+        while clock.wall() < clock.anchor + until_s and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert clock.wall() >= clock.anchor + until_s
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await bank.stop()
+    first = clock.anchor + FIRST_S - 1.0
+    return drivers, [[r.values for r in rs if r.wall >= first] for rs in readings]
+
+
+async def test_split_instants_are_merged_and_handed_over_at_the_publish_after_them():
+    s = _scenario()
+    truth = _truth(s)
+    assert len(truth) == 3 * JOBS  # start, setup -> processing, end
+    # The last job ends 20 plant s before until_s: twice its quiet period (0.185 real s = 9.25).
+    drivers, (auto, zero) = await _follow(s, [None, 0.0], FIRST_S + JOBS * EVERY_S + 10.0)
+    assert drivers[0].by_publish_time and not drivers[1].by_publish_time
+    assert auto == truth, "every snapshot is one whole instant, each instant once, in order"
+    # An instant is complete at the end of its own response when the server built it more than
+    # WRITE_SPREAD_S (0.05 s) after the instant's first write: for 0.09 s responses at random
+    # phases, 44 % of the instants (26 of 60 expected, sd 3.8). Without PublishTime, none.
+    assert drivers[0].settled["publish"] >= len(truth) // 5, drivers[0].settled
+    assert [v for v in zero if v not in truth], \
+        "settle_s 0 sees instants this server split (else the check above proves nothing)"
+    assert drivers[1].settled["quiet"] == 0
+
+
+async def test_no_publish_time_hook_falls_back_to_the_quiet_period(monkeypatch):
+    """Where asyncua does not let the driver see PublishTime, it waits settle_s as before."""
+    monkeypatch.setattr(opcua, "_mark_publishes", lambda sub: False)
+    s = _scenario()
+    truth = _truth(s)
+    (d,), (seen,) = await _follow(s, [None], FIRST_S + 4 * EVERY_S + 5.0)
+    assert seen[:12] == truth[:12]  # four jobs, each instant whole
+    assert d.settled["publish"] == 0 and d.settled["quiet"] > 0
