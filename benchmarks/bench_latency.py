@@ -145,11 +145,12 @@ def main() -> int:
     print(f"measurement resolution: InfluxDB polled every {args.resolution:g} s, "
           f"query p99 {pct(query_s, 99) * 1000:.0f} ms: "
           f"each latency is high by at most {resolution:.3f} s; log stamps 1 ms")
-    settle = 1.5 * args.cnc_interval_s if args.settle_s is None else args.settle_s
-    plant_wait = args.cnc_interval_s + settle
-    print(f"plant-time waits: <= {args.cnc_interval_s / args.speed:.3f} s real at this speed for the CNC's next "
-          f"publish, then for an instant the response may have split, settle_s: <= {plant_wait / args.speed:.3f} s "
-          f"(the meter is read at once at a job end)")
+    publish = args.cnc_interval_s / args.speed
+    hold = 1.25 * publish + 0.05 if args.settle_s is None else args.settle_s / args.speed
+    then = ("an instant that response may have split waits for the next one, or" if args.settle_s is None
+            else f"settle_s {args.settle_s:g}: every instant waits")
+    print(f"waits: the CNC's next publish response <= {publish:.3f} s real; then {then} <= {hold:.3f} s; "
+          f"the meter is read at once at a job end")
     try:
         instants = json.loads(stats.read_text())["cnc_instants"]
         print(f"CNC instants handed over at the end of their publish response: {instants['publish']}, "
