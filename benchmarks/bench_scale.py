@@ -63,7 +63,8 @@ def run_step(workdir: Path, sim: dict, sim_proc, meters: int, cncs: int, args, c
     workdir.mkdir(parents=True, exist_ok=True)
     extra = {"ledger": {"checkpoint_s": args.checkpoint_s}} if args.checkpoint_s else None
     cfg = bl.agent_config(workdir, sim, meters=meters, cncs=cncs, per_port=args.per_port, poll_s=args.poll_s,
-                          cnc_interval_s=args.cnc_interval_s, archive=not args.no_archive, extra=extra)
+                          cnc_interval_s=args.cnc_interval_s, archive=not args.no_archive, extra=extra,
+                          settle_s=args.settle_s)
     log, stats = workdir / "agent.log", workdir / "stats.json"
     if profile is not None:
         cmd = [bl.PY, "-m", "cProfile", "-o", str(profile), "-m", "agent.cli", "--log-level", "INFO", "run",
@@ -140,6 +141,7 @@ def main() -> int:
                    help="meters (unit ids) per Modbus port, i.e. per connection of the agent (default 10)")
     p.add_argument("--poll-s", type=float, default=1.0, help="meter poll interval (default 1 s)")
     p.add_argument("--cnc-interval-s", type=float, default=0.5, help="CNC publishing interval (default 0.5 s)")
+    p.add_argument("--settle-s", type=float, default=None, help="CNC settle_s (default: the agent's)")
     p.add_argument("--checkpoint-s", type=float, default=None, help="ledger.checkpoint_s (default: the config's)")
     p.add_argument("--no-archive", action="store_true", help="archive.enabled: false")
     p.add_argument("--warmup", type=float, default=10.0, help="seconds after all devices answer (default 10)")
