@@ -4,7 +4,7 @@ import asyncio
 from datetime import datetime, timezone
 
 from agent.clock import Clock
-from drivers.opcua import CncDriver
+from drivers.opcua import WRITE_SPREAD_S, CncDriver
 from drivers.profile import load_nodemap
 
 
@@ -67,3 +67,31 @@ async def test_settle_zero_hands_over_at_the_end_of_each_notification_batch():
     d._apply([("parts_total", 3, t, True)])  # the same instant, a publish later: its own snapshot
     assert readings[-1].values == {"channel_status": 0, "job_id": "J-7", "parts_total": 3}
     assert readings[-1].t >= readings[0].t and d._flush_timer is None
+
+
+async def test_a_publish_built_after_the_write_spread_completes_the_instant():
+    readings = []
+    d = _driver(readings)
+    assert d.by_publish_time
+    now = Clock().wall()
+    t = datetime.fromtimestamp(now - 0.2, timezone.utc)
+    d._apply([("job_id", "J-1", t, True, now - 0.19), ("parts_total", 2, t, True, now - 0.18)])
+    d._published(now - 0.19 + WRITE_SPREAD_S * 0.9)  # built while the server may still be writing
+    assert readings == []
+    d._published(now - 0.19 + WRITE_SPREAD_S * 1.1)  # the first value's receipt is what counts
+    assert [r.values for r in readings] == [{"job_id": "J-1", "parts_total": 2}]
+    assert d.settled == {"publish": 1, "quiet": 0}
+
+
+async def test_an_instant_without_a_server_time_of_its_own_waits_for_quiet():
+    readings = []
+    d = _driver(readings)
+    now = Clock().wall()
+    t = datetime.fromtimestamp(now - 0.2, timezone.utc)
+    # ServerTimestamp equal to SourceTimestamp: maybe a copy of the device's clock, not the server's
+    d._apply([("job_id", "J-1", t, True, t.timestamp()), ("parts_total", 2, t, True, now - 0.19)])
+    d._published(now + 10.0)
+    d._apply([("program", "O1", datetime.fromtimestamp(now - 0.1, timezone.utc), True, None)])  # no stamp
+    assert [r.values for r in readings] == [{"job_id": "J-1", "parts_total": 2}]  # by the later instant
+    d._published(now + 10.0)
+    assert len(readings) == 1 and d.settled == {"publish": 0, "quiet": 0}
