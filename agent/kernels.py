@@ -35,6 +35,10 @@ _inner = numba.njit(cache=True, fastmath=FASTMATH, _nrt=False)
 _KWH_PER_WS = 1.0 / 3.6e6
 _f64 = np.float64  # every e and p read is widened first: float32 columns compute in float64
 _BLOCK = 64  # intervals checked per step of a counter run: a fixed-length loop LLVM vectorises
+# Pieces of work per range of ``job_energy_batch_parallel``: with 16 or more in all, a thread
+# that other work slows down leaves at most ~1/16 of the batch to wait for. (numba's
+# ``parallel_chunksize`` would not do: the OpenMP layer hands out a prange's chunks statically.)
+_PIECES = 8
 _MAX = float(np.finfo(np.float64).max)
 # Samples ahead of a counter run's block at which t and e are prefetched. The block check
 # (~200 instructions per block) leaves room in the out-of-order window for a block or two
@@ -58,6 +62,17 @@ def _prefetch(typingctx, a, k):
         return context.get_dummy_value()
 
     return types.void(a, k), codegen
+
+
+@intrinsic
+def _take(typingctx, counter):
+    """counter[0] += 1 as one atomic instruction; returns the value before: the next unit of
+    work for whichever thread asks first (no ordering with other memory is needed)."""
+    def codegen(context, builder, sig, args):
+        ptr = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", ptr, ir.IntType(64)(1), "monotonic")
+
+    return types.int64(counter), codegen
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
@@ -423,9 +438,19 @@ def job_energy_batch(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_p
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def job_energy_batch_parallel(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q,
                               chunks):
-    """``job_energy_batch`` with the jobs split into the ranges chunks[c]:chunks[c + 1], one
-    per thread (``batch_chunks`` balances them by samples); each job is computed by one thread
-    with the same code, so the rows are bit-identical to the one-thread kernel's."""
-    for c in numba.prange(chunks.size - 1):
-        _jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q,
-              chunks[c], chunks[c + 1])
+    """``job_energy_batch`` on numba's threads. The jobs come in the ranges chunks[c]:chunks[c + 1]
+    (``batch_chunks``: about equal samples each), each cut into ``_PIECES`` runs of jobs that
+    the threads take one at a time as they finish the last (``_take``): a thread slowed by
+    other work on its core takes fewer, instead of the others waiting for it at the end. Each
+    job is computed by one thread with the same code, so the rows are bit-identical to the
+    one-thread kernel's, whatever the split."""
+    taken = np.zeros(1, np.int64)
+    units = (chunks.size - 1) * _PIECES
+    for _ in numba.prange(chunks.size - 1):  # one per thread when there are as many ranges
+        u = _take(taken)
+        while u < units:
+            c, k = u // _PIECES, u % _PIECES
+            a, b = chunks[c], chunks[c + 1]
+            _jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q,
+                  a + (b - a) * k // _PIECES, a + (b - a) * (k + 1) // _PIECES)
+            u = _take(taken)
