@@ -218,8 +218,7 @@ class Bridge:
         if result is False:
             return False
         if result is None:
-            for msg, _ in items:
-                self.client.ack(msg)
+            self.client.ack_many([msg for msg, _ in items])
             self.written += len(items)
             if self.confirm_as:
                 await self._confirm([c for _, c in items])

@@ -18,6 +18,9 @@ lives on the loop side. Nothing from paho crosses this module: failures become
 * Sessions are persistent by default (MQTT 5 clean start off with a session expiry), so a
   subscriber that reconnects gets what was queued for it meanwhile. Subscriptions are kept and
   issued again on every reconnect. paho reconnects by itself with capped backoff.
+* paho's network thread works in batches (:class:`_Client`: joined writes, read-ahead, plain
+  PUBACKs and PUBLISHes decoded without per-message objects), relying on paho-mqtt 2.2.0
+  internals that :func:`check_paho` verifies when a client is created.
 * An outage is logged once when it starts (WARNING, with the cause) and once when it ends
   (INFO, with how long it lasted); never per message.
 """
@@ -26,6 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import inspect
 import logging
 import socket
 import ssl
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import DeliveryError
 
@@ -66,6 +74,213 @@ class Tls:
     key_file: str | None = None
 
 
+# ------------------------------------------------------------------ paho, batched on the wire
+
+READ_AHEAD = 256 * 1024
+"""Bytes asked of the socket per read: paho reads every packet in three calls (type, length,
+body); from a buffer that is three slices, not three system calls (each of which hands the GIL
+away and waits to get it back)."""
+READ_BURST = 1000
+"""Packets paho's thread reads per wake-up at least (paho's own bound is the number of messages
+it has in flight: 1 for a subscriber, so a select and a keep-alive check per message)."""
+WRITE_MAX = 256 * 1024
+"""Bytes of queued packets joined into one socket send."""
+
+PAHO_TESTED = "2.2.0"
+PAHO_INTERNALS = {
+    # paho.mqtt.client.Client methods _Client overrides or relies on, by a hash of their source
+    # (see check_paho): what they do with _sock, _out_packet, _out_messages and the in-flight count.
+    "_create_socket": "3043436f2eb23690", "reconnect": "3ecdf1a8299e8c8a", "_loop": "7372a4c2fc81b7f4",
+    "loop_read": "4fa11ca2d451dbec", "_packet_read": "bbe32d8af1e37955", "_sock_recv": "c3b9043a46dd81b7",
+    "_sock_send": "300d9f1031bd0dbd", "_sock_close": "638e9c4e5a7f32ae", "_packet_write": "d097b7b51bed128d",
+    "_packet_queue": "e298fa9ab31e5f79", "_update_inflight": "d11feb21cf855b12",
+    "_do_on_publish": "5bbcad6f9447107a", "publish": "5c00cd3dcebceaae",
+    "_messages_reconnect_reset_out": "464a42c69618a49b", "loop_start": "c0334ed74b61fcda",
+    "ack": "92f83b7a84a46b21", "_send_command_with_mid": "1a771678b66dc9e4",
+}
+
+
+def paho_differences(cls: type = paho.Client, version: str | None = None) -> list[str]:
+    """What differs from the paho-mqtt this module's _Client was written against: the version,
+    and each relied-on method whose source changed (empty: all as expected)."""
+    if version is None:
+        version = importlib.metadata.version("paho-mqtt")
+    out = [] if version == PAHO_TESTED else [f"version {version} (tested: {PAHO_TESTED})"]
+    for name, expected in PAHO_INTERNALS.items():
+        fn = getattr(cls, name, None)
+        try:
+            got = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+        except (TypeError, OSError):
+            got = None
+        if got != expected:
+            out.append(f"Client.{name} " + ("missing or without source" if got is None else "changed"))
+    return out
+
+
+@functools.cache
+def check_paho() -> None:
+    """Refuse to start on a paho whose internals _Client relies on have changed (once per process)."""
+    diff = paho_differences()
+    if diff:
+        raise DeliveryError(f"paho-mqtt {importlib.metadata.version('paho-mqtt')} differs from what agent.mqtt "
+                            f"relies on: {'; '.join(diff)}. Install paho-mqtt=={PAHO_TESTED} or review "
+                            "agent.mqtt._Client against the new version and update PAHO_INTERNALS")
+
+
+_PUBACK_OK = {0x00: ReasonCode(PacketTypes.PUBACK, identifier=0x00),  # success
+              0x10: ReasonCode(PacketTypes.PUBACK, identifier=0x10)}  # success, no matching subscribers
+_NO_PROPERTIES = {PacketTypes.PUBACK: Properties(PacketTypes.PUBACK), PacketTypes.PUBLISH: Properties(PacketTypes.PUBLISH)}
+"""Shared by every message that has none: the callbacks here never read or change them."""
+
+
+class _ReadAhead:
+    """The broker connection read READ_AHEAD bytes at a time, handed out as paho asks for them.
+
+    ``pending`` counts what is buffered (paho asks it of TLS sockets too): paho's loop then
+    reads on without waiting in select for data that already arrived."""
+
+    __slots__ = ("_sock", "_buf", "_pos")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        pos = self._pos
+        if pos < len(self._buf):
+            self._pos = pos + n
+            return self._buf[pos:pos + n]
+        data = self._sock.recv(max(n, READ_AHEAD))  # BlockingIOError etc. go to paho as they are
+        if len(data) <= n:
+            self._buf, self._pos = b"", 0
+            return data
+        self._buf, self._pos = data, n
+        return data[:n]
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return max(0, len(self._buf) - self._pos) + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _Client(paho.Client):
+    """paho's client with its network thread working in batches (checked by check_paho):
+
+    * reads: one socket read for many packets (_ReadAhead), and up to READ_BURST packets per
+      wake-up;
+    * writes: the packets queued since the last write go out in one send (up to WRITE_MAX
+      bytes) instead of one send each (a drain queues hundreds at once, a bridge acks hundreds);
+    * PUBACKs: paho looks for a queued message to send in its place by walking every message
+      still awaiting its PUBACK, once per PUBACK; with none queued (the usual case: the
+      publisher never has more than max_inflight out) that walk is skipped.
+    Packets, their order, message ids, the in-flight limit and the PUBACK bookkeeping are paho's.
+    """
+
+    def _create_socket(self):
+        sock = super()._create_socket()
+        return sock if self._transport == "websockets" else _ReadAhead(sock)
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        if self._sock is None:
+            return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
+        for _ in range(len(self._out_messages) + len(self._in_messages) + READ_BURST):
+            if self._sock is None:
+                return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == paho.MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> paho.MQTTErrorCode:
+        _join_queued(self._out_packet)
+        return super()._packet_write()
+
+    def _handle_pubackcomp(self, cmd):
+        # The usual PUBACK (message id, a reason code below 0x80 or none, no properties) is
+        # handled here with shared ReasonCode and Properties objects rather than new ones per
+        # message; any other by paho (which also reports what is malformed).
+        packet = self._in_packet["packet"]
+        n = len(packet)
+        if n == 2:
+            reason = 0
+        elif self._protocol == paho.MQTTv5 and (n == 3 or (n == 4 and packet[3] == 0)):
+            reason = packet[2]
+        else:
+            reason = None
+        if cmd != "PUBACK" or reason not in _PUBACK_OK:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_OK[reason], _NO_PROPERTIES[PacketTypes.PUBACK])
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self):
+        # An MQTT 5 QoS 1 PUBLISH without properties (what the agent sends, as the broker passes
+        # it on) is decoded here without a Properties object per message; anything else by paho.
+        header = self._in_packet["command"]
+        packet = self._in_packet["packet"]
+        if self._protocol != paho.MQTTv5 or header & 0x06 != 0x02 or len(packet) < 2:
+            return super()._handle_publish()
+        end = 2 + ((packet[0] << 8) | packet[1])  # topic
+        if end == 2 or end + 2 >= len(packet) or packet[end + 2] != 0:
+            return super()._handle_publish()  # topic alias, properties, or malformed: paho says so
+        message = paho.MQTTMessage(mid=(packet[end] << 8) | packet[end + 1], topic=bytes(packet[2:end]))
+        message.dup = bool(header & 0x08)
+        message.qos = 1
+        message.retain = bool(header & 0x01)
+        message.properties = _NO_PROPERTIES[PacketTypes.PUBLISH]
+        message.payload = bytes(packet[end + 3:])
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if self._manual_ack:
+            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(message.mid)
+
+    def _update_inflight(self) -> paho.MQTTErrorCode:
+        # Every message in _out_messages is either in flight (counted) or waiting (queued, or
+        # unsent for want of a connection): as many counted as stored means none waits.
+        if len(self._out_messages) <= self._inflight_messages:
+            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
+
+
+def _join_queued(queue) -> None:
+    """Replace the packets at the head of paho's write queue by packets of up to WRITE_MAX bytes
+    each joining many of them.
+
+    Only packets paho does nothing with once written are joined (not QoS 0 PUBLISH, whose
+    sending completes its publish, nor DISCONNECT); a packet partly written stays as it is.
+    Runs on paho's thread, the only one taking from the left of the queue (others append)."""
+    if len(queue) < 2 or queue[0]["pos"]:
+        return
+    chunks: list[list[dict]] = [[]]
+    size = 0
+    while queue:
+        pkt = queue.popleft()
+        kind = pkt["command"] & 0xF0
+        if pkt["pos"] or kind == paho.DISCONNECT or (kind == paho.PUBLISH and pkt["qos"] == 0):
+            queue.appendleft(pkt)
+            break
+        if size >= WRITE_MAX:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(pkt)
+        size += len(pkt["packet"])
+    for chunk in reversed(chunks):
+        if len(chunk) < 2:
+            queue.extendleft(chunk)
+            continue
+        data = b"".join([pkt["packet"] for pkt in chunk])
+        queue.appendleft({"command": 0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data,
+                          "info": None})
+
+
 class MqttClient:
     def __init__(self, *, host: str, port: int, client_id: str, keepalive: int = 30, clean_start: bool = False,
                  session_expiry_s: int = 7 * 24 * 3600, username: str | None = None, password: str | None = None,
@@ -84,7 +299,8 @@ class MqttClient:
         self.receive_maximum = receive_maximum
         self.v5 = protocol == "5"
         self.manual_ack = manual_ack
-        self._c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+        check_paho()
+        self._c = _Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                               protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
                               clean_session=None if self.v5 else clean_start, manual_ack=manual_ack)
         self._c.reconnect_delay_set(reconnect_min_s, reconnect_max_s)
@@ -450,7 +666,7 @@ class MqttClient:
     def _one_wake(self, batch: bool):
         """paho writes a byte to its network thread's wake-up socket for every packet it
         queues; for a batch, wake it once at the end instead (the thread then writes all the
-        queued packets in one go). The batch runs on the event loop without yielding; paho
+        queued packets in one go, joined into few sends: _Client). The batch runs on the event loop without yielding; paho
         makes a new pair only in loop_start (same thread), and if one appeared it is kept."""
         wake = getattr(self._c, "_sockpairW", None) if batch else None
         if wake is None:
@@ -506,6 +722,13 @@ class MqttClient:
             return
         del self._unacked[msg.mid]
         self._c.ack(msg.mid, msg.qos)  # without a connection: nothing to do, the broker redelivers
+
+    def ack_many(self, msgs: list[Message]) -> None:
+        """:meth:`ack` each message, waking paho's network thread once for all of them (it then
+        writes their PUBACKs in one go)."""
+        with self._one_wake(len(msgs) > 1):
+            for msg in msgs:
+                self.ack(msg)
 
     async def close(self) -> None:
         """Disconnect cleanly (the persistent session stays on the broker) and stop paho's thread."""

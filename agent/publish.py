@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from agent.clock import wait_any
 from agent.errors import DeliveryError
@@ -94,12 +95,13 @@ class Publisher:
             self._marks = (f'"site":{json.dumps(rec["site"])}', f'"agent":{json.dumps(rec["agent"])}')
         return f"{self._base}/{machine}/record"
 
-    async def _send(self, rows: list[tuple[int, str, str]]) -> tuple[list[int], Exception | None]:
+    async def _send(self, rows: list[tuple[int, str, str]], ahead: int = 0) -> tuple[list[int], Exception | None]:
         # The stored canonical JSON goes out as it is (no re-encoding); paho keeps max_inflight
         # on the wire and queues the rest, and the whole batch is awaited at once. The timeout
-        # grows with the batch: a slow link needs time for many round trips of max_inflight.
+        # grows with what is on the wire before the batch's last message (``ahead``: the batch
+        # before it): a slow link needs time for many round trips of max_inflight.
         items = [(self._topic(m, b), b.encode()) for _, m, b in rows]
-        timeout = self.timeout * max(1.0, len(items) / self.max_inflight)
+        timeout = self.timeout * max(1.0, (len(items) + ahead) / self.max_inflight)
         results = await self.client.publish_many(items, qos=1, timeout=timeout)
         ok = [rid for (rid, _, _), res in zip(rows, results) if res is None]
         errors = [res for res in results if isinstance(res, BaseException)]
@@ -161,32 +163,85 @@ class Publisher:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
 
+    async def _due(self, resend_before: float | None, flight: _Flight | None) -> list[tuple[int, str, str]]:
+        """The next batch of the outbox, without the rows of the batch still on the wire (they are
+        not marked sent yet, so the ledger returns them again)."""
+        if flight is None:
+            return await self.ledger.outbox_due(self.batch, resend_before)
+        rows = await self.ledger.outbox_due(self.batch + len(flight.ids), resend_before)
+        return [row for row in rows if row[0] not in flight.ids][:self.batch]
+
+    def _start(self, rows: list[tuple[int, str, str]], resend_before: float | None,
+               flight: _Flight | None) -> _Flight:
+        ahead = 0 if flight is None else len(flight.ids)
+        task = asyncio.ensure_future(self._send(rows, ahead))
+        return _Flight(frozenset(rid for rid, _, _ in rows), task, resend_before)
+
+    async def _land(self, flight: _Flight) -> Exception | None:
+        """Wait for a batch's PUBACKs and mark what the broker acknowledged sent; its first error."""
+        try:
+            ok, err = await flight.task
+        except Exception as exc:  # noqa: BLE001 - logged by _drain; its rows are simply sent again
+            ok, err = [], exc
+        await self.ledger.mark_sent(ok)
+        self.sent += len(ok)
+        if flight.resend_before is not None and err is None:
+            self.resend_cutoff = flight.resend_before
+        return err
+
     async def _drain(self, stop: asyncio.Event) -> None:
+        """Two batches overlap: the next one is read and published while the last one awaits
+        its PUBACKs, and marked sent meanwhile; the ledger's commit (an fsync) and the outbox
+        read no longer leave the link idle. Messages go out in outbox order all the same."""
         backoff = 0.0
-        while not stop.is_set():
-            self._wake.clear()
-            if self.client.connected and self.client.connections != self._connections:
-                await self._new_connection()
-            resend_before = time.time() - self.resend_after_s if self.confirm_by else None
-            rows = await self.ledger.outbox_due(self.batch, resend_before)
-            if rows:
-                ok, err = await self._send(rows)
-                await self.ledger.mark_sent(ok)
-                self.sent += len(ok)
-                if resend_before is not None and err is None:
-                    self.resend_cutoff = resend_before
+        flight: _Flight | None = None
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                if self.client.connected and self.client.connections != self._connections:
+                    if flight is not None:
+                        await self._land(flight)  # sent on the old connection: failed or acknowledged
+                        flight = None
+                    await self._new_connection()
+                resend_before = time.time() - self.resend_after_s if self.confirm_by else None
+                rows = await self._due(resend_before, flight)
+                nxt = self._start(rows, resend_before, flight) if rows else None
+                if flight is None and nxt is not None:
+                    flight = nxt
+                    continue  # read the next batch while this one is on the wire
+                if flight is None:
+                    if resend_before is not None:
+                        self.resend_cutoff = resend_before
+                    wait = min(5.0, self.resend_after_s / 4) if self.confirm_by else 5.0
+                    await wait_any(self._wake, stop, wait)
+                    continue
+                err = await self._land(flight)
+                flight = nxt
                 if err is None:
                     backoff = 0.0
                     continue
+                if flight is not None:  # no new batch while the link is in trouble
+                    await self._land(flight)
+                    flight = None
                 if not isinstance(err, DeliveryError):
                     log.error("publishing failed unexpectedly: %r", err)
                 if not self.client.connected:
                     await self._until_connected(stop)  # drain again as soon as the broker is back
                     continue
                 backoff = min(self.retry_max_s, max(0.5, backoff * 2))
-                wait = backoff
-            else:
-                if resend_before is not None:
-                    self.resend_cutoff = resend_before
-                wait = min(5.0, self.resend_after_s / 4) if self.confirm_by else 5.0
-            await wait_any(self._wake, stop, wait)
+                await wait_any(self._wake, stop, backoff)
+        finally:
+            if flight is not None:
+                if flight.task.done() or not asyncio.current_task().cancelling():
+                    await self._land(flight)
+                else:
+                    flight.task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """A batch awaiting its PUBACKs."""
+
+    ids: frozenset[int]
+    task: asyncio.Future
+    resend_before: float | None

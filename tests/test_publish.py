@@ -90,3 +90,39 @@ async def test_a_batch_wakes_the_network_thread_once_and_every_message_arrives(t
         await pub.close()
         await sub.close()
         broker.stop()
+
+
+async def test_overlapping_batches_send_every_record_once_in_outbox_order(tmp_path):
+    # Small batches and few messages in flight: the next batch is read and sent while the last
+    # one still awaits PUBACKs, never containing its rows again.
+    broker = Mosquitto().start(tmp_path / "broker")
+    ledger = Ledger(tmp_path / "ledger.db")
+    await ledger.open()
+    sub = MqttClient(host="127.0.0.1", port=broker.port, client_id="order-consumer", clean_start=True)
+    pub = MqttClient(host="127.0.0.1", port=broker.port, client_id="order-agent", max_inflight=10)
+    stop = asyncio.Event()
+    task = None
+    try:
+        await sub.connect(5)
+        await sub.subscribe("energy/v1/#", qos=1)
+        await pub.connect(5)
+        await factories.fill(ledger, "m1", 300, site="s", agent="a")
+        publisher = Publisher(ledger, pub, topic_prefix="energy/v1", max_inflight=10, batch=25)
+        task = asyncio.create_task(publisher.run(stop))
+        await _until(lambda: _pending_is(ledger, 0), 30, "the outbox drained")
+        seqs = []
+        while len(seqs) < 300:
+            m = await sub.next_message(timeout=10)
+            assert m is not None, f"consumer got {len(seqs)} of 300"
+            seqs.append(json.loads(m.payload)["seq"])
+        assert seqs == list(range(1, 301))
+        assert await sub.next_message(timeout=0.5) is None  # nothing twice
+        assert publisher.sent == 300
+    finally:
+        stop.set()
+        if task is not None:
+            await task
+        await pub.close()
+        await sub.close()
+        await ledger.close()
+        broker.stop()
