@@ -52,17 +52,22 @@ async def test_outbox_drains_and_survives_a_broker_outage(tmp_path):
             seen.add(rec["seq"])
         assert seen == set(range(1, 66))
     finally:
-        stop.set()
-        if task is not None:
-            await task
-        await pub.close()
-        await sub.close()
-        await ledger.close()
-        broker.stop()
+        await _stop_all(stop, task, pub, sub, ledger, broker)
 
 
 async def _pending_is(ledger, n):
     return await ledger.pending() == n
+
+
+async def _stop_all(stop, task, pub, sub, ledger, broker):
+    """Stop the publisher's task, then the clients, the ledger and the broker."""
+    stop.set()
+    if task is not None:
+        await task
+    await pub.close()
+    await sub.close()
+    await ledger.close()
+    broker.stop()
 
 
 async def test_a_batch_wakes_the_network_thread_once_and_every_message_arrives(tmp_path):
@@ -119,10 +124,4 @@ async def test_overlapping_batches_send_every_record_once_in_outbox_order(tmp_pa
         assert await sub.next_message(timeout=0.5) is None  # nothing twice
         assert publisher.sent == 300
     finally:
-        stop.set()
-        if task is not None:
-            await task
-        await pub.close()
-        await sub.close()
-        await ledger.close()
-        broker.stop()
+        await _stop_all(stop, task, pub, sub, ledger, broker)
