@@ -1,8 +1,11 @@
 """The publisher drains the ledger's outbox to a real broker and survives a broker outage."""
 
 import asyncio
+import contextlib
 import json
 import time
+from types import SimpleNamespace
+
 from agent import record
 from agent.ledger import Ledger
 from agent.mqtt import MqttClient
@@ -17,20 +20,37 @@ async def _until(cond, timeout, what):
         await asyncio.sleep(0.05)
 
 
-async def test_outbox_drains_and_survives_a_broker_outage(tmp_path):
+@contextlib.asynccontextmanager
+async def _outbox_to_broker(tmp_path, sub_id: str, pub_id: str, *, clean_start: bool, **pub_options):
+    """A broker, a ledger, a subscriber on energy/v1/# and a connected publishing client;
+    ``task`` (the publisher's, if the test starts one) is stopped by ``stop`` at the end."""
     broker = Mosquitto().start(tmp_path / "broker")
     ledger = Ledger(tmp_path / "ledger.db")
     await ledger.open()
-    sub = MqttClient(host="127.0.0.1", port=broker.port, client_id="lca-consumer", clean_start=False)
-    pub = MqttClient(host="127.0.0.1", port=broker.port, client_id="agent-under-test")
-    stop = asyncio.Event()
-    task = None
+    ctx = SimpleNamespace(
+        broker=broker, ledger=ledger, stop=asyncio.Event(), task=None,
+        sub=MqttClient(host="127.0.0.1", port=broker.port, client_id=sub_id, clean_start=clean_start),
+        pub=MqttClient(host="127.0.0.1", port=broker.port, client_id=pub_id, **pub_options))
     try:
-        await sub.connect(5)
-        await sub.subscribe("energy/v1/#", qos=1)
-        await pub.connect(5)
-        publisher = Publisher(ledger, pub, topic_prefix="energy/v1", max_inflight=50)
-        task = asyncio.create_task(publisher.run(stop))
+        await ctx.sub.connect(5)
+        await ctx.sub.subscribe("energy/v1/#", qos=1)
+        await ctx.pub.connect(5)
+        yield ctx
+    finally:
+        ctx.stop.set()
+        if ctx.task is not None:
+            await ctx.task
+        await ctx.pub.close()
+        await ctx.sub.close()
+        await ledger.close()
+        broker.stop()
+
+
+async def test_outbox_drains_and_survives_a_broker_outage(tmp_path):
+    async with _outbox_to_broker(tmp_path, "lca-consumer", "agent-under-test", clean_start=False) as c:
+        ledger, sub, broker = c.ledger, c.sub, c.broker
+        publisher = Publisher(ledger, c.pub, topic_prefix="energy/v1", max_inflight=50)
+        c.task = asyncio.create_task(publisher.run(c.stop))
         await factories.fill(ledger, "m1", 40, site="s", agent="a")
         publisher.notify()
         await _until(lambda: _pending_is(ledger, 0), 10, "the first 40 records sent")
@@ -51,23 +71,10 @@ async def test_outbox_drains_and_survives_a_broker_outage(tmp_path):
             assert m.topic == "energy/v1/s/a/m1/record" and rec["hash"] == record.record_hash(rec)
             seen.add(rec["seq"])
         assert seen == set(range(1, 66))
-    finally:
-        await _stop_all(stop, task, pub, sub, ledger, broker)
 
 
 async def _pending_is(ledger, n):
     return await ledger.pending() == n
-
-
-async def _stop_all(stop, task, pub, sub, ledger, broker):
-    """Stop the publisher's task, then the clients, the ledger and the broker."""
-    stop.set()
-    if task is not None:
-        await task
-    await pub.close()
-    await sub.close()
-    await ledger.close()
-    broker.stop()
 
 
 async def test_a_batch_wakes_the_network_thread_once_and_every_message_arrives(tmp_path):
@@ -100,20 +107,11 @@ async def test_a_batch_wakes_the_network_thread_once_and_every_message_arrives(t
 async def test_overlapping_batches_send_every_record_once_in_outbox_order(tmp_path):
     # Small batches and few messages in flight: the next batch is read and sent while the last
     # one still awaits PUBACKs, never containing its rows again.
-    broker = Mosquitto().start(tmp_path / "broker")
-    ledger = Ledger(tmp_path / "ledger.db")
-    await ledger.open()
-    sub = MqttClient(host="127.0.0.1", port=broker.port, client_id="order-consumer", clean_start=True)
-    pub = MqttClient(host="127.0.0.1", port=broker.port, client_id="order-agent", max_inflight=10)
-    stop = asyncio.Event()
-    task = None
-    try:
-        await sub.connect(5)
-        await sub.subscribe("energy/v1/#", qos=1)
-        await pub.connect(5)
+    async with _outbox_to_broker(tmp_path, "order-consumer", "order-agent", clean_start=True, max_inflight=10) as c:
+        ledger, sub = c.ledger, c.sub
         await factories.fill(ledger, "m1", 300, site="s", agent="a")
-        publisher = Publisher(ledger, pub, topic_prefix="energy/v1", max_inflight=10, batch=25)
-        task = asyncio.create_task(publisher.run(stop))
+        publisher = Publisher(ledger, c.pub, topic_prefix="energy/v1", max_inflight=10, batch=25)
+        c.task = asyncio.create_task(publisher.run(c.stop))
         await _until(lambda: _pending_is(ledger, 0), 30, "the outbox drained")
         seqs = []
         while len(seqs) < 300:
@@ -123,5 +121,3 @@ async def test_overlapping_batches_send_every_record_once_in_outbox_order(tmp_pa
         assert seqs == list(range(1, 301))
         assert await sub.next_message(timeout=0.5) is None  # nothing twice
         assert publisher.sent == 300
-    finally:
-        await _stop_all(stop, task, pub, sub, ledger, broker)
