@@ -193,7 +193,7 @@ def main() -> None:
     rate = {n: N / min(v) for n, v in times.items()}
     rate["numpy"] = N / np_s
     paired = {k: float(np.median(np.array(times[ref]) / np.array(times[k])))
-              for k, ref in (("kernel1", "stream1"), ("kernel2", "stream2"), ("between", "stream1"))}
+              for k, ref in (("kernel1", "stream1"), ("kernel2", "stream2"))}
 
     b = 16  # t and e as float64
     print(f"samples: {N:,} in {jobs:,} jobs, {len(st_t):,} state changes; layout t f64, e f64, p f32, "
