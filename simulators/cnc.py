@@ -16,8 +16,9 @@ update task runs every ``tick_s`` (10 ms) real seconds and publishes every chang
 instant has passed, in order, each with its *exact* instant as SourceTimestamp (anchor +
 change time; ServerTimestamp = the real time of the write, the server's clock as in its publish
 responses). All nodes changing at one instant share one SourceTimestamp and are written at once,
-or ``write_spread_s`` apart (a server that updates them one by one). When the task falls behind, each intermediate change is still
-written on its own, so a subscriber with a queue observes every one of them.
+or ``write_spread_s`` apart (a server that updates them one by one). When the task falls
+behind, each intermediate change is still written on its own, so a subscriber with a queue
+observes every one of them.
 
 Faults of kind ``cnc_bad_status`` become events: at ``from_s`` the point's value is sent with
 StatusCode BadSensorFailure (the last value stays in the DataValue, as real servers do; a client
