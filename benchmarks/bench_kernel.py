@@ -20,9 +20,13 @@ one: here no interval is split).
 3. NumPy: per-interval classification (counter, rollover, reset, jump, power fallback, gap),
    then per job and state with ``bincount`` and per job with ``reduceat``, in chunks of jobs.
 
-Prints rates, ratios (best rate over best rate, and the median of the ratios of each round's
-back-to-back calls) and the command; nothing here is asserted except that NumPy and the
-kernel agree. Every run is timed after a short pause (idle OpenMP workers, see ``main``).
+Prints rates, ratios and the command. Three estimates of each kernel's share of its limit: the
+best rate over the best rate of the whole-array calls; the median of each round's ratio of its
+two calls ~0.1 s apart; and the median over rounds of the same computation interleaved in
+ranges of jobs (``interleaved``: each kernel call within milliseconds of the reference over
+exactly its samples), the least disturbed by other work on a shared machine. Nothing here is
+asserted except that NumPy and the kernel agree (and the kernel with itself, over ranges and
+threads). Every run is timed after a short pause (idle OpenMP workers, see ``main``).
 The references are the fastest loops found: software prefetching (which the kernel's longer
 loop needs) made them slower. Run: make bench   (or: .venv/bin/python benchmarks/bench_kernel.py)
 """
@@ -46,6 +50,9 @@ REPEAT = int(os.environ.get("BENCH_REPEAT", "9"))
 NUMPY_REPEAT = 3
 MAX_GAP_S, ROLLOVER_KWH, MAX_POWER_W = 5.0, 0.0, 20000.0
 CHUNK = 4_000_000  # samples per NumPy chunk: temporaries of ~10 arrays stay ~0.3 GB
+# Samples per range of the interleaved estimate (see ``interleaved``): ~80 MB of t and e, far
+# more than the caches, so that every call reads its range from memory.
+RANGE = 5_000_000
 PAUSE_S = 0.1  # before each timed run (see main)
 
 
@@ -127,6 +134,42 @@ def numpy_batch(t, e, p, st_t, st_s, t0, t1):
     return kwh, q
 
 
+def job_ranges(t, t0, t1):
+    """(first job, stop job, first sample, stop sample) of consecutive runs of jobs of about
+    RANGE samples each: the samples that the kernel reads for those jobs."""
+    first = np.searchsorted(t, t0)
+    last = np.searchsorted(t, t1)
+    out, k = [], 0
+    while k < len(t0):
+        stop = max(k + 1, int(np.searchsorted(first, first[k] + RANGE)))
+        out.append((k, stop, int(first[k]), int(last[stop - 1]) + 1))
+        k = stop
+    return out
+
+
+def interleaved(pairs, rounds):
+    """Ratios of reference time to kernel time, one per round, each summed over the ranges,
+    where pairs holds per range (reference over its samples, kernel over its jobs), called one
+    right after the other (which goes first alternates): both see the same load of a shared
+    machine within a few milliseconds, where the whole-array calls are ~0.1 s apart. The first
+    pass over the ranges only warms up."""
+    ratios = []
+    for r in range(rounds + 1):
+        ref = ker = 0.0
+        for k, (f_ref, f_ker) in enumerate(pairs):
+            for f in ((f_ref, f_ker) if (k + r) % 2 == 0 else (f_ker, f_ref)):
+                s = time.perf_counter()
+                f()
+                d = time.perf_counter() - s
+                if f is f_ref:
+                    ref += d
+                else:
+                    ker += d
+        if r:
+            ratios.append(ref / ker)
+    return np.array(ratios)
+
+
 def main() -> None:
     rng = np.random.default_rng(7)
     t, e, p, st_t, st_s, t0, t1 = make_data(rng)
@@ -185,6 +228,31 @@ def main() -> None:
             s = time.perf_counter()
             fn()
             times[n].append(time.perf_counter() - s)
+    # The interleaved estimate: the same kernels over ranges of jobs, each range's call next to
+    # the reference over exactly the samples it reads (pause between the two thread counts:
+    # idle OpenMP workers, see above).
+    ranges = job_ranges(t, t0, t1)
+
+    def pair(a, b, lo, hi, parallel):
+        tt, ee, rows = t[lo:hi], e[lo:hi], [x[a:b] for x in out]
+        ta, tb = t0[a:b], t1[a:b]
+        cuts = energy.batch_chunks(t, ta, tb, numba.get_num_threads())
+
+        def ker():  # zeroed rows first, as in kernel() above
+            for x in rows:
+                x[:] = 0.0
+            if parallel:
+                energy.job_energy_batch_parallel(t, e, p, st_t, st_s, ta, tb, *limits, *rows, cuts)
+            else:
+                energy.job_energy_batch(t, e, p, st_t, st_s, ta, tb, *limits, *rows)
+
+        return (lambda: stream_parallel(tt, ee)) if parallel else (lambda: stream(tt, ee)), ker
+
+    chunked = {}
+    for name, parallel in (("kernel1", False), ("kernel2", True)):
+        time.sleep(PAUSE_S)
+        chunked[name] = interleaved([pair(*r, parallel) for r in ranges], REPEAT)
+    assert all(np.array_equal(a, b) for a, b in zip(out, par)), "the kernel over ranges of jobs differs"
     np_s = float("inf")
     for _ in range(NUMPY_REPEAT):  # ~10 s a call: fewer repeats, it is the distant comparison
         s = time.perf_counter()
@@ -206,6 +274,10 @@ def main() -> None:
           f"  = {rate['kernel1'] / rate['stream1']:.2f} of the 1-thread limit (median of pairs {paired['kernel1']:.2f})")
     print(f"job_energy_batch_parallel, 2 thr: {rate['kernel2'] / 1e6:8.1f} M samples/s  ({rate['kernel2'] * b / 1e9:5.2f} GB/s)"
           f"  = {rate['kernel2'] / rate['stream2']:.2f} of the 2-thread limit (median of pairs {paired['kernel2']:.2f})")
+    print(f"interleaved over {len(ranges)} ranges of ~{N // len(ranges):,} samples, each kernel call next to its reference over "
+          f"the same samples, median (min-max) of {REPEAT} rounds: 1 thread {np.median(chunked['kernel1']):.2f} "
+          f"({chunked['kernel1'].min():.2f}-{chunked['kernel1'].max():.2f}), 2 threads {np.median(chunked['kernel2']):.2f} "
+          f"({chunked['kernel2'].min():.2f}-{chunked['kernel2'].max():.2f}) of the limit")
     print(f"job_energy_batch, changes between samples, 1 thread: {rate['between'] / 1e6:.1f} M samples/s"
           f"  = {rate['between'] / rate['stream1']:.2f} of the 1-thread limit (a split interval per change)")
     print(f"NumPy (chunked bincount+reduceat):{rate['numpy'] / 1e6:8.1f} M samples/s"
