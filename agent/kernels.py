@@ -44,10 +44,12 @@ _PIECES = 32
 _MAX = float(np.finfo(np.float64).max)
 # Samples ahead of a counter run's block at which t and e are prefetched. The block check
 # (~200 instructions per block) leaves room in the out-of-order window for a block or two
-# only: too few cache misses in flight to stream at the memory's rate. Prefetching 1 KB of
-# each ahead gives the memory system enough requests (measured: 64 to 256 samples, best near
-# 128; the streaming reference, whose loop is short, gets no faster from prefetching).
-_AHEAD = 128
+# only: too few cache misses in flight to stream at the memory's rate. Prefetching ~0.9 KB of
+# each ahead gives the memory system enough requests (measured: 64 to 256 samples; 112 was
+# 0.03 above 128 in each of three interleaved runs with one thread and equal with two, and
+# past 128 the rate falls steeply; the streaming reference, whose loop is short, gets no
+# faster from prefetching).
+_AHEAD = 112
 
 
 @intrinsic
