@@ -1,7 +1,8 @@
 """OPC UA CNC controllers: the nodes a node map names, as a stream of snapshots.
 
 :class:`CncDriver` connects to one server, resolves the node ids of its node map (``ns=…``
-or the restart-stable ``nsu=<namespace URI>;…`` form), reads every value once and then
+or the restart-stable ``nsu=<namespace URI>;…`` form), reads every value once (one Read
+request, so one consistent snapshot) and then
 follows changes through a subscription (data-change notifications with a queue, so no
 intermediate change is lost between two publishes) or, where a server cannot subscribe, by
 polling. Node map points given as browse paths are translated to node ids at every connect
@@ -102,6 +103,24 @@ def _mark_publishes(sub: Any) -> bool:
 
     callbacks[sub.subscription_id] = publish_callback
     return True
+
+
+async def read_values(client: Client, nodes: list[Any]) -> list[ua.DataValue]:
+    """The Value attributes of ``nodes`` (DataValues with their timestamps and status, Bad
+    ones included) in one Read request: one round trip, and one consistent snapshot from a
+    server that updates an instant's nodes together (read one by one, a snapshot taken while
+    the CNC ends a job can hold the parts counter and job id of after the end and the state of
+    before it). A server that refuses the request as a whole raises its status."""
+    params = ua.ReadParameters()
+    for node in nodes:
+        rv = ua.ReadValueId()
+        rv.NodeId = node.nodeid
+        rv.AttributeId = ua.AttributeIds.Value
+        params.NodesToRead.append(rv)
+    results = await client.uaclient.read(params)
+    if len(results) != len(nodes):
+        raise ua.UaError(f"Read of {len(nodes)} nodes returned {len(results)} results")
+    return results
 
 
 def _plain(value: Any) -> Any:
@@ -458,15 +477,14 @@ class CncDriver:
         self.resolved = {q: node.nodeid.to_string() for q, node in nodes.items()}
         return nodes
 
-    async def _initial(self, nodes: dict[str, Any]) -> None:
-        """Read every value once. On the first connection the snapshot is stamped at receipt
-        (what happened before the agent started is unknown); after a reconnect each value keeps
-        its SourceTimestamp (clamped as always), so a change made during the outage is placed
-        at its own instant, not at the reconnection."""
+    async def _initial(self, client: Client, nodes: dict[str, Any]) -> None:
+        """Read every value once, in one request (:func:`read_values`). On the first connection
+        the snapshot is stamped at receipt (what happened before the agent started is unknown);
+        after a reconnect each value keeps its SourceTimestamp (clamped as always), so a change
+        made during the outage is placed at its own instant, not at the reconnection."""
         since_outage = self.last_t > float("-inf")
         changes = []
-        for q, node in nodes.items():
-            dv = await node.read_data_value(raise_on_bad_status=False)
+        for (q, _), dv in zip(nodes.items(), await read_values(client, list(nodes.values()))):
             good = dv.StatusCode is None or dv.StatusCode.is_good()
             src = dv.SourceTimestamp if since_outage else None
             changes.append((q, dv.Value.Value if dv.Value is not None else None, src, good))
@@ -554,7 +572,7 @@ class CncDriver:
         names = list(nodes)
         seen: dict[str, Any] = {}
         while not stop.is_set():
-            dvs = [await nodes[q].read_data_value(raise_on_bad_status=False) for q in names]
+            dvs = await read_values(client, [nodes[q] for q in names])
             changes = []
             for q, dv in zip(names, dvs):
                 good = dv.StatusCode is None or dv.StatusCode.is_good()
@@ -589,7 +607,7 @@ class CncDriver:
                 await client.connect()
                 try:
                     nodes = await self._nodes(client)
-                    await self._initial(nodes)
+                    await self._initial(client, nodes)
                     if down_since is not None:
                         log.info("%s: back after %.1f s", self.device_id, asyncio.get_running_loop().time() - down_since)
                         down_since = None

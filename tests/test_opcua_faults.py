@@ -8,9 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from asyncua import ua
+from asyncua.common.callback import CallbackType
 
 from agent.clock import Clock
 from drivers.opcua import CncDriver
@@ -78,6 +81,49 @@ async def test_bad_status_window_is_absent_and_flagged_never_a_value(mode):
         assert "program" in ok[first - 1].values
         if mode == "subscribe":
             assert abs(flagged[0].wall - (clock.anchor + BAD_FROM)) < 1e-3
+
+
+async def test_a_job_end_written_while_the_driver_connects_is_never_seen_in_halves():
+    # J-1002 is processing (scenario 600 s of 460-670); its end (670 s: channel reset, job id
+    # cleared, parts counter up) is written the moment the server has answered the driver's
+    # first read of the channel status. Read node by node, the rest of that first snapshot would
+    # come from after the end: the state of a running job with the parts counter of a finished
+    # one, which the tracker took for a new job. Read in one request, the snapshot is whole.
+    clock = Clock(speed=1.0, anchor=time.time() - 600.0)
+    bank = CncBank(DEMO, clock, port=free_port())
+    await bank.start()
+    status_node = bank.nodes["m1"]["channel_status"]
+    (end,) = [changed for t, changed in bank.events["m1"] if t == 670.0]
+    ended = asyncio.Event()
+
+    async def end_the_job_after_the_first_status_read(event, _dispatcher):
+        if ended.is_set() or not any(rv.NodeId == status_node and rv.AttributeId == ua.AttributeIds.Value
+                                     for rv in event.request_params.NodesToRead):
+            return
+        ended.set()
+        stamp = datetime.now(timezone.utc)
+        for q, v in end.items():
+            await bank._write("m1", q, v, stamp)
+
+    bank.server.subscribe_server_callback(CallbackType.PostRead, end_the_job_after_the_first_status_read)
+    readings = []
+    driver = _driver(bank.endpoint, clock, readings, interval_s=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(driver.run(stop))
+    try:
+        await _until(lambda: any(r.values.get("parts_total") == end["parts_total"] for r in readings), 15,
+                     "the job's end")
+    finally:
+        stop.set()
+        await task
+        await bank.stop()
+    assert ended.is_set()
+    ok = [r for r in readings if r.ok]
+    before = {"channel_status": 0, "job_id": "J-1002", "parts_total": 1}
+    assert {q: ok[0].values.get(q) for q in before} == before  # read whole, before the end
+    for r in ok:
+        seen = {q: r.values.get(q) for q in end}
+        assert seen == end or {q: seen[q] for q in before} == before, f"half an instant: {seen}"
 
 
 def _simulate(port: int) -> subprocess.Popen:
