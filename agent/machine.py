@@ -8,6 +8,7 @@ order, on the event loop). It keeps
 - the open job: it starts when the CNC has a job key (job id, else program) and enters an
   active state (setup, processing, interrupted); it ends when the key changes or clears, when
   the parts counter rises, or (for program-keyed jobs) when the channel returns to idle;
+  one that would end at the instant it began is no job and is dropped;
 - meter samples and state changes since the oldest open job began, in preallocated arrays.
 
 A job that has ended waits for the first meter sample after its end, so that the counter can
@@ -286,6 +287,15 @@ class MachineTracker:
                     setattr(job, name, getattr(table, name, None))
 
     def _end(self, job: JobInfo, t: float, wall: float, reason: str, parts: int | None) -> None:
+        if t == job.start:
+            # Begun and ended at one instant: no time, no energy, not a job. It is what an
+            # instant seen in two halves leaves (a server that writes the nodes of a job's end
+            # one by one, read between them: the parts counter and job id of after the end,
+            # the active state of before it, then the idle state at the same instant).
+            self.open = None
+            log.info("%s: %s %s began and ended at the same instant (%s); not a job, not recorded",
+                     self.machine, job.key_point, job.key, reason)
+            return
         if parts is not None and job.parts_start is not None:
             n = parts - job.parts_start
             parts = n if n >= 0 else None

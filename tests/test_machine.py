@@ -116,6 +116,27 @@ def test_job_id_job_survives_an_interruption_and_ends_when_cleared():
     assert "started_before_agent" not in job.flags
 
 
+def test_a_job_end_seen_in_two_halves_records_one_job_not_a_second_empty_one():
+    # A job's end read in two halves at one instant: first the parts counter and the cleared
+    # job id with the state of before (processing, the program still loaded), then the idle
+    # state, stamped with the same instant. The first half alone looks like a program job
+    # starting; it ends where it began and must not become a record.
+    pl = Plant()
+    pl.run_to(1)
+    pl.cnc(1.5, **snapshot(PROCESSING, job_id="J4", program="O3", parts_total=5))
+    pl.run_to(6)
+    pl.cnc(6.5, **snapshot(PROCESSING, program="O3", parts_total=6))
+    pl.cnc(6.5, **snapshot(IDLE, program="O3", parts_total=6))
+    pl.run_to(12)
+    pl.cnc(12.5, **snapshot(PROCESSING, program="O3", parts_total=6))  # a real program job after it
+    pl.run_to(15)
+    pl.cnc(15.5, **snapshot(IDLE, program="O3", parts_total=6))
+    pl.run_to(18)
+    assert [(j.info.key, j.info.start, j.end, j.end_reason) for j in pl.jobs] == [
+        ("J4", 1.5, 6.5, "parts_counter"), ("O3", 12.5, 15.5, "idle")]
+    assert pl.jobs[0].parts == 1
+
+
 def test_job_running_when_the_agent_starts_is_flagged():
     pl = Plant()
     pl.run_to(1)
