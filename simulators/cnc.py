@@ -221,6 +221,10 @@ class CncBank:
         self._task: asyncio.Task | None = None
         self.writes = 0
         self.max_batch = 0
+        self.write_spans: dict[tuple[str, float], float] = {}
+        """With ``write_spread_s``: real seconds from the first to the last write of each instant,
+        (machine, scenario time) -> span, by the ServerTimestamps written (what a client sees of
+        the server's pace; a busy event loop stretches it beyond the spread asked for)."""
         """Most changes of one machine published in one tick (> 1: the task caught up)."""
 
     @property
@@ -356,10 +360,11 @@ class CncBank:
         for q, (v, t) in values.items():
             await self._write(machine, q, v, _utc(self.clock.anchor + t))
 
-    async def _write(self, machine: str, point: str, value: Any, stamp: datetime) -> None:
+    async def _write(self, machine: str, point: str, value: Any, stamp: datetime) -> datetime | None:
+        """Write one node; returns the ServerTimestamp given (None: the node map has no such point)."""
         nodeid = self.nodes[machine].get(point)
         if nodeid is None:
-            return
+            return None
         assert self.server is not None
         vt = VARIANT.get(point, ua.VariantType.String)
         if value is BAD:
@@ -372,6 +377,7 @@ class CncBank:
             dv = ua.DataValue(ua.Variant(value, vt), SourceTimestamp=stamp, ServerTimestamp=datetime.now(timezone.utc))
         await self.server.write_attribute_value(nodeid, dv)
         self.writes += 1
+        return dv.ServerTimestamp
 
     async def publish_due(self, now: float) -> int:
         """Publish, in order, every change at or before scenario time ``now`` not yet published."""
@@ -381,10 +387,14 @@ class CncBank:
             while i < len(events) and events[i][0] <= now:
                 t, changed = events[i]
                 stamp = _utc(self.clock.anchor + t)
+                written = []
                 for k, (q, v) in enumerate(changed.items()):
                     if k and self.write_spread_s > 0:
                         await asyncio.sleep(self.write_spread_s)
-                    await self._write(machine, q, v, stamp)
+                    written.append(await self._write(machine, q, v, stamp))
+                written = [w for w in written if w is not None]
+                if self.write_spread_s > 0 and written:
+                    self.write_spans[(machine, t)] = (max(written) - min(written)).total_seconds()
                 i += 1
                 batch += 1
             self._next[machine] = i

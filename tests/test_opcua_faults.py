@@ -91,8 +91,6 @@ async def test_a_job_end_written_while_the_driver_connects_is_never_seen_in_halv
     # one, which the tracker took for a new job. Read in one request, the snapshot is whole.
     clock = Clock(speed=1.0, anchor=time.time() - 600.0)
     bank = CncBank(DEMO, clock, port=free_port())
-    await bank.start()
-    status_node = bank.nodes["m1"]["channel_status"]
     (end,) = [changed for t, changed in bank.events["m1"] if t == 670.0]
     ended = asyncio.Event()
 
@@ -105,17 +103,20 @@ async def test_a_job_end_written_while_the_driver_connects_is_never_seen_in_halv
         for q, v in end.items():
             await bank._write("m1", q, v, stamp)
 
-    bank.server.subscribe_server_callback(CallbackType.PostRead, end_the_job_after_the_first_status_read)
     readings = []
-    driver = _driver(bank.endpoint, clock, readings, interval_s=0.5)
     stop = asyncio.Event()
-    task = asyncio.create_task(driver.run(stop))
+    task = None
+    await bank.start()
     try:
+        status_node = bank.nodes["m1"]["channel_status"]
+        bank.server.subscribe_server_callback(CallbackType.PostRead, end_the_job_after_the_first_status_read)
+        task = asyncio.create_task(_driver(bank.endpoint, clock, readings, interval_s=0.5).run(stop))
         await _until(lambda: any(r.values.get("parts_total") == end["parts_total"] for r in readings), 15,
                      "the job's end")
     finally:
         stop.set()
-        await task
+        if task is not None:
+            await task
         await bank.stop()
     assert ended.is_set()
     ok = [r for r in readings if r.ok]
