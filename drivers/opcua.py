@@ -111,13 +111,7 @@ async def read_values(client: Client, nodes: list[Any]) -> list[ua.DataValue]:
     server that updates an instant's nodes together (read one by one, a snapshot taken while
     the CNC ends a job can hold the parts counter and job id of after the end and the state of
     before it). A server that refuses the request as a whole raises its status."""
-    params = ua.ReadParameters()
-    for node in nodes:
-        rv = ua.ReadValueId()
-        rv.NodeId = node.nodeid
-        rv.AttributeId = ua.AttributeIds.Value
-        params.NodesToRead.append(rv)
-    results = await client.uaclient.read(params)
+    results = await client.read_attributes(nodes, ua.AttributeIds.Value)
     if len(results) != len(nodes):
         raise ua.UaError(f"Read of {len(nodes)} nodes returned {len(results)} results")
     return results
