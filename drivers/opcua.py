@@ -478,7 +478,7 @@ class CncDriver:
         made during the outage is placed at its own instant, not at the reconnection."""
         since_outage = self.last_t > float("-inf")
         changes = []
-        for (q, _), dv in zip(nodes.items(), await read_values(client, list(nodes.values()))):
+        for q, dv in zip(nodes, await read_values(client, list(nodes.values()))):
             good = dv.StatusCode is None or dv.StatusCode.is_good()
             src = dv.SourceTimestamp if since_outage else None
             changes.append((q, dv.Value.Value if dv.Value is not None else None, src, good))
