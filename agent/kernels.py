@@ -284,7 +284,9 @@ def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, k
             _prefetch(st_s, j + np.uintp(8))
             if split:
                 _prefetch_run_end(p, i, n, (end - a) * per_s)
-            r = _counter_run(t, e, i, n, end, klim, max_gap_s)
+            # An interval that ends past ``end`` (split by a state change or t1) starts no run:
+            # straight to the general path (``_counter_run`` would return i after a masked block).
+            r = _counter_run(t, e, i, n, end, klim, max_gap_s) if t[i + one] <= end else i
             if r > i:
                 run_kwh = _f64(e[r]) - _f64(e[i])
                 run_s = t[r] - a
