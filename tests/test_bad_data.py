@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -145,9 +146,51 @@ def _plant_config(tmp_path, modbus_port: int, opcua_port: int, anchor: float) ->
     }
 
 
+class _Stalls:
+    """When the test's event loop, which also serves the simulated meters, was blocked: lateness
+    of a 10 ms sleep, each span longer than ``limit`` s kept as (plant start, plant end). Alone,
+    the worst lateness of a run is ~10 ms."""
+
+    def __init__(self, anchor: float, limit: float):
+        self.anchor, self.limit = anchor, limit
+        self.spans: list[tuple[float, float]] = []
+        self.worst = 0.0
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            late = time.monotonic() - t - 0.01
+            self.worst = max(self.worst, late)
+            if late > self.limit:
+                now = time.time()
+                self.spans.append(((now - late - self.anchor) * SPEED, (now - self.anchor) * SPEED))
+
+
+# The meters answer from this test's event loop. When that loop is blocked for about the
+# poll timeout (0.1 s), a request in flight times out: an outage the scenario did not plan, with
+# its flag on a job and two log lines. Measured: 20 blocks of 0.15 s in one run made pm-2 miss
+# a reading in one of two runs. Such a run does not test the agent (the simulated meter broke
+# its own timing), so it is run again, once.
+STALL_S = 0.05
+
+
 @pytest.fixture(scope="module")
 async def run(tmp_path_factory):
-    """The plant run: records by job id, the truth by job id, the log lines, the proxy's count."""
+    """The plant run: records by job id, the truth by job id, the log lines, the proxy's count.
+    Run again once if the test's own loop stalled (``STALL_S``); a second stall fails."""
+    for _ in range(2):
+        result, stalls = await _plant_run(tmp_path_factory)
+        if not stalls.spans:
+            return result
+        warnings.warn(f"plant run redone: the test's event loop was blocked for up to {stalls.worst:.3f} s "
+                      f"at plant seconds {[(round(a), round(b)) for a, b in stalls.spans]}")
+    pytest.fail(f"the test's event loop, which serves the simulated meters, was blocked for more than "
+                f"{STALL_S} s in both runs (last run, plant seconds: {stalls.spans}; worst "
+                f"{stalls.worst:.3f} s): the meters could not answer within their timeout")
+
+
+async def _plant_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bad-data")
     anchor = float(math.ceil(time.time()) + 4)  # whole seconds: the config's ISO anchor is exact
     clock = Clock(SPEED, anchor)
@@ -165,6 +208,8 @@ async def run(tmp_path_factory):
     agent = Agent(config.load(path))
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
+    stalls = _Stalls(anchor, STALL_S)
+    watcher = asyncio.create_task(stalls.watch(stop))
     truth = {j["job_id"]: j for j in scn.truth(SCENARIO)}
     try:
         deadline = time.monotonic() + (anchor - time.time()) + SCENARIO.duration_s / SPEED + 30.0
@@ -175,6 +220,7 @@ async def run(tmp_path_factory):
     finally:
         stop.set()
         await task
+        await watcher
         root.removeHandler(lines)
         root.setLevel(level)
         await meters.stop()
@@ -183,7 +229,7 @@ async def run(tmp_path_factory):
     records = ledger.records()
     ledger.close_sync()
     return {"records": {r["job"]["job_id"]: r for r in records}, "n_records": len(records), "truth": truth,
-            "lines": lines.lines, "damaged": meters.proxy.damaged}
+            "lines": lines.lines, "damaged": meters.proxy.damaged}, stalls
 
 
 def _job(case: str) -> str:
