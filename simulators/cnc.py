@@ -221,11 +221,11 @@ class CncBank:
         self._task: asyncio.Task | None = None
         self.writes = 0
         self.max_batch = 0
+        """Most changes of one machine published in one tick (> 1: the task caught up)."""
         self.write_spans: dict[tuple[str, float], float] = {}
         """With ``write_spread_s``: real seconds from the first to the last write of each instant,
         (machine, scenario time) -> span, by the ServerTimestamps written (what a client sees of
         the server's pace; a busy event loop stretches it beyond the spread asked for)."""
-        """Most changes of one machine published in one tick (> 1: the task caught up)."""
 
     @property
     def endpoint(self) -> str:
