@@ -50,6 +50,12 @@ _MAX = float(np.finfo(np.float64).max)
 # past 128 the rate falls steeply; the streaming reference, whose loop is short, gets no
 # faster from prefetching).
 _AHEAD = 112
+# Where runs have been ending (``_window``'s split hint): bit set when the last run cut by a
+# state change (CHANGE), or by a window's end (END), stopped inside an interval rather than on
+# a sample. Kept apart because they differ in practice: OPC UA state changes fall between the
+# meter's samples while windows may start and end on them, or the other way round. Carried
+# from window to window of a batch, so that a window's first runs are predicted too.
+_SPLIT_NONE, _SPLIT_CHANGE, _SPLIT_END = np.uint8(0), np.uint8(1), np.uint8(2)
 
 
 @intrinsic
@@ -237,28 +243,32 @@ def job_energy(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w
     est = np.zeros((1, N_STATES))
     q = np.zeros((1, NQ))
     _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, 0,
-            np.uintp(0), np.uintp(0))
+            np.uintp(0), np.uintp(0), _SPLIT_NONE)
     return kwh[0], est[0], q[0]
 
 
 @_inner
-def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, row, hint_i, hint_j):
+def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, row, hint_i, hint_j,
+            split):
     """``job_energy`` into the zeroed rows ``row`` of kwh, est and q: one code path for one job
     and for a batch (rows by index, not as views: a view costs two atomic reference counts).
 
     hint_i, hint_j: where to start looking for the first sample and state (any index gives the
-    same result); returns the sample and state indices where the window ended, the hints for
-    a next window in time order.
+    same result); split: the bits ``_SPLIT_CHANGE`` and ``_SPLIT_END``, whether the last run that
+    ended at a state change, or at a window's end, ended inside an interval (see
+    ``_prefetch_run_end``; only a hint, no effect on any result). Returns the sample and state
+    indices where the window ended and split as it stands then: the hints for a next window in
+    time order.
     """
     q[row, Q_WINDOW_S] = t1 - t0
     one = np.uintp(1)
     n = np.uintp(t.size)
     m = np.uintp(st_t.size)
     if t1 <= t0:
-        return hint_i, hint_j
+        return hint_i, hint_j, split
     if n < 2 or t1 <= t[0] or t0 >= t[n - one]:
         _gap(q, row, t1 - t0)
-        return hint_i, hint_j
+        return hint_i, hint_j, split
     complete = True  # no part of the window uncovered
     if t0 < t[0]:
         _gap(q, row, t[0] - t0)
@@ -268,7 +278,6 @@ def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, k
         complete = False
     klim = 1.5 * max_power_w / 3.6e6 if max_power_w > 0.0 else math.inf  # the jump test as one compare
     per_s = (n - one) / (t[n - one] - t[0])  # mean samples per second: where a run may end
-    split = False  # whether an interval of this window needed the general path (see below)
     i = _last_at_or_before(t, t0, hint_i)
     j = _last_at_or_before(st_t, t[i], hint_j)
     while i + one < n and t[i] < t1:
@@ -282,11 +291,16 @@ def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, k
             end = min(t1, st_t[j + one]) if j + one < m else t1
             _prefetch(st_t, j + np.uintp(8))  # the next state changes
             _prefetch(st_s, j + np.uintp(8))
-            if split:
+            which = _SPLIT_END if end == t1 else _SPLIT_CHANGE
+            if split & which:
                 _prefetch_run_end(p, i, n, (end - a) * per_s)
             # An interval that ends past ``end`` (split by a state change or t1) starts no run:
             # straight to the general path (``_counter_run`` would return i after a masked block).
-            r = _counter_run(t, e, i, n, end, klim, max_gap_s) if t[i + one] <= end else i
+            if t[i + one] <= end:
+                r = _counter_run(t, e, i, n, end, klim, max_gap_s)
+            else:
+                r = i
+                split |= which
             if r > i:
                 run_kwh = _f64(e[r]) - _f64(e[i])
                 run_s = t[r] - a
@@ -294,16 +308,17 @@ def _window(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, k
                 q[row, Q_COUNTER_KWH] += run_kwh
                 q[row, Q_COUNTER_S] += run_s
                 q[row, Q_COVERED_S] += run_s
+                if t[r] == end:  # on a sample: no p read there
+                    split &= ~which
                 i = r
                 continue
 
-        split = True
         if not _interval(t, e, p, st_t, st_s, i, j, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, row):
             complete = False
         i += one
     if complete:  # exactly the window, not a sum of parts that may round below it
         q[row, Q_COVERED_S] = t1 - t0
-    return i, j
+    return i, j, split
 
 
 @_inner
@@ -311,9 +326,12 @@ def _prefetch_run_end(p, i, n, ahead):
     """Start loading p where a run from i is expected to end, ``ahead`` samples on (at the next
     state change or t1, guessed from the mean sample rate): the interval there is split and
     reads p, and a miss on p would wait for memory. Only a hint, a wrong guess costs a cache
-    line. ``_window`` asks for it once an interval needed the general path: where the runs end
-    on samples (state changes on samples), p is never read and even a prefetch costs, as one
-    more miss queued behind the stream of t and e."""
+    line. ``_window`` asks for it where the last run cut the same way (by a state change, or by
+    a window's end) ended inside an interval: where runs end on samples, p is never read and
+    even a prefetch costs, as one more miss queued behind the stream of t and e. Measured with
+    state changes between samples and windows on them: predicting per window, the first runs
+    of each window went without it, 0.02 of the stream's rate; predicting from every general
+    interval (faults too) prefetched for runs ending on samples, 0.04."""
     one = np.uintp(1)
     if ahead < n - i:  # also False for NaN
         k = i + np.uintp(ahead)
@@ -426,9 +444,10 @@ def _interval(t, e, p, st_t, st_s, i, j, t0, t1, max_gap_s, rollover_kwh, max_po
 @_inner
 def _jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w, kwh, est, q, first, stop):
     i = j = np.uintp(0)
+    split = _SPLIT_NONE
     for k in range(first, stop):
-        i, j = _window(t, e, p, st_t, st_s, t0[k], t1[k], max_gap_s, rollover_kwh, max_power_w,
-                       kwh, est, q, k, i, j)
+        i, j, split = _window(t, e, p, st_t, st_s, t0[k], t1[k], max_gap_s, rollover_kwh, max_power_w,
+                              kwh, est, q, k, i, j, split)
 
 
 @numba.njit(cache=True, fastmath=FASTMATH)
