@@ -328,10 +328,10 @@ def _prefetch_run_end(p, i, n, ahead):
     reads p, and a miss on p would wait for memory. Only a hint, a wrong guess costs a cache
     line. ``_window`` asks for it where the last run cut the same way (by a state change, or by
     a window's end) ended inside an interval: where runs end on samples, p is never read and
-    even a prefetch costs, as one more miss queued behind the stream of t and e. Measured with
-    state changes between samples and windows on them: predicting per window, the first runs
-    of each window went without it, 0.02 of the stream's rate; predicting from every general
-    interval (faults too) prefetched for runs ending on samples, 0.04."""
+    even a prefetch costs, as one more miss queued behind the stream of t and e. Measured on the
+    benchmark's data: predicting per window, each window's first runs went without it (0.02 of
+    the stream's rate, state changes between samples); predicting from any general interval,
+    faults too, prefetched for runs that end on samples (0.04, state changes on samples)."""
     one = np.uintp(1)
     if ahead < n - i:  # also False for NaN
         k = i + np.uintp(ahead)
