@@ -7,7 +7,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: the services the demo and the tests start on loopback (never as system services).
-# gcc and python3-dev build the ahead-of-time job kernel (agent/aot.py).
 APT_PACKAGES := python3 python3-venv python3-dev gcc mosquitto influxdb victoria-metrics socat
 SERVICE_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/victoria-metrics
 
@@ -30,10 +29,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The job kernel compiled ahead of time for the current source (the agent then runs without
-# LLVM); rebuilt only when the kernel source or numba changed.
+# The energy kernels compiled into numba's cache, so the agent only loads them at start.
 kernels: venv
-	@$(BIN)/energy-agent kernels status >/dev/null || $(BIN)/energy-agent kernels build
+	@$(BIN)/energy-agent kernels build
 
 # Installs what is missing, as root. Services are installed with a policy-rc.d that keeps
 # apt from starting them: the demo and the tests run their own instances on free ports.
@@ -56,5 +54,5 @@ sysdeps:
 	fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache agent/_aot
+	rm -rf $(VENV) build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

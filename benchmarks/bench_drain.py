@@ -1,10 +1,10 @@
 """Outbox drain: records per second from a full ledger to a real broker, and on into InfluxDB.
 
-A ledger is filled with ``--records`` unsent records (built by ``agent.record.build`` and
+A ledger is filled with ``--records`` unsent records (built by ``energy_agent.records.record.build`` and
 appended through the ledger's own append path, hash chains and all, over ``--machines``
 machines; the fill is not timed and runs without fsync). Then:
 
-1. broker: the agent's :class:`agent.publish.Publisher` drains it to a private Mosquitto
+1. broker: the agent's :class:`energy_agent.delivery.outbox.Publisher` drains it to a private Mosquitto
    (QoS 1, a row is marked sent on PUBACK) until the outbox is empty: records/s;
 2. end to end: a fresh copy of the same ledger is drained again with ``confirm_by`` set while
    an ``energy-agent bridge`` process writes every record to InfluxDB 1.6.7 (v1 /write) and
@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 
 import benchlib as bl
-from agent.config import MqttConfig
-from agent.ledger import Ledger
-from agent.mqtt import MqttClient
-from agent.publish import Publisher
-from simulators.services import InfluxDB1, Mosquitto
+from energy_agent.delivery.config import MqttConfig
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.delivery.outbox import Publisher
+from energy_agent.records.ledger import Ledger
+from energy_agent.simulators.services import InfluxDB1, Mosquitto
 from tests import factories
 
 SITE, AGENT, PREFIX = "bench", "gw", "energy/v1"

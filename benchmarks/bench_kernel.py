@@ -43,10 +43,18 @@ import time
 import numba
 import numpy as np
 
-from agent import energy
-from agent.energy import (NQ, Q_COUNTER_KWH, Q_COUNTER_S, Q_GAPS, Q_JUMPS, Q_POWER_KWH, Q_RESETS,
-                          Q_ROLLOVERS)
-from agent.states import N_STATES
+from energy_agent.core.states import N_STATES
+from energy_agent.domain import energy
+from energy_agent.domain.energy import (
+    NQ,
+    Q_COUNTER_KWH,
+    Q_COUNTER_S,
+    Q_GAPS,
+    Q_JUMPS,
+    Q_POWER_KWH,
+    Q_RESETS,
+    Q_ROLLOVERS,
+)
 
 N = int(float(os.environ.get("BENCH_SAMPLES", "1e8")))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "9"))

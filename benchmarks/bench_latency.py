@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import benchlib as bl
-from simulators.services import InfluxDB1, Mosquitto
+from energy_agent.simulators.services import InfluxDB1, Mosquitto
 
 RECORD_LINE = re.compile(r"job (\S+) on (\S+): [0-9.]+ kWh")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import benchlib as bl
-from agent.runtime import LATENESS_EDGES_MS
+from energy_agent.app.runtime import LATENESS_EDGES_MS
 
 
 def parse_steps(text: str) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ def run_step(workdir: Path, sim: dict, sim_proc, meters: int, cncs: int, args, c
                           settle_s=args.settle_s)
     log, stats = workdir / "agent.log", workdir / "stats.json"
     if profile is not None:
-        cmd = [bl.PY, "-m", "cProfile", "-o", str(profile), "-m", "agent.cli", "--log-level", "INFO", "run",
+        cmd = [bl.PY, "-m", "cProfile", "-o", str(profile), "-m", "energy_agent", "--log-level", "INFO", "run",
                "-c", str(cfg), "--stats-interval", "1", "--stats-file", str(stats)]
         agent = bl.spawn(cmd, log, core=core)
     else:

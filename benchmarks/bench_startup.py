@@ -56,7 +56,7 @@ def main() -> int:
     args = p.parse_args()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-startup-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    from agent import energy
+    from energy_agent.domain import energy
 
     t = time.monotonic()
     energy.warm_up()  # fills the cache the agent loads from
@@ -78,7 +78,7 @@ def main() -> int:
             last = k == args.runs - 1
             env = {**os.environ, "NUMBA_DEBUG_CACHE": "1", "PYTHONUNBUFFERED": "1"} if last else None
             t0 = time.time()
-            agent = bl.spawn([bl.PY, "-m", "agent.cli", "--log-level", "INFO", "run", "-c", str(cfg)], log, env=env)
+            agent = bl.spawn([bl.PY, "-m", "energy_agent", "--log-level", "INFO", "run", "-c", str(cfg)], log, env=env)
             try:
                 bl.wait_for(lambda: bl.log_has(log, MARKS["first_poll"]), 60, "the first poll", ((agent, log),),
                             step=0.02)

@@ -3,9 +3,9 @@ processes and what /proc says about them.
 
 A plant of N meters and C CNCs: machine i has meter i and, for i < C, CNC i (the agent polls
 meters without a machine too, they simply feed no tracker). Meters are served by
-:class:`simulators.meter.MeterBank` servers, ``per_port`` unit ids on each port (one Modbus
+:class:`energy_agent.simulators.meter.MeterBank` servers, ``per_port`` unit ids on each port (one Modbus
 server holds at most 247 unit ids, and the agent's meters on one port share one connection
-and take turns); the CNCs by one :class:`simulators.cnc.CncBank`. Every machine runs jobs
+and take turns); the CNCs by one :class:`energy_agent.simulators.cnc.CncBank`. Every machine runs jobs
 back to back with idle gaps, phase-shifted so that job ends are spread over time.
 
 ``python benchmarks/benchlib.py serve ...`` is the simulator process the benchmarks start:
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from simulators.services import stop_process  # noqa: E402
+from energy_agent.simulators.services import stop_process  # noqa: E402
 
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -215,10 +215,10 @@ def ports_of(meters: int, per_port: int) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from agent.clock import Clock
-    from simulators import scenario as scn
-    from simulators.cnc import CncBank
-    from simulators.meter import MeterBank
+    from energy_agent.core.clock import Clock
+    from energy_agent.simulators import scenario as scn
+    from energy_agent.simulators.cnc import CncBank
+    from energy_agent.simulators.meter import MeterBank
 
     # Thousands of machines share one profile and one node map: load each once, not per machine.
     scn.load_profile = functools.lru_cache(maxsize=None)(scn.load_profile)
@@ -324,7 +324,7 @@ def agent_config(workdir: Path, sim: dict, *, meters: int, cncs: int, per_port: 
 
 def start_agent(config: Path, log: Path, *, core: int | None, stats_interval: float | None = None,
                 stats_file: Path | None = None, command: str = "run") -> subprocess.Popen:
-    args = [PY, "-m", "agent.cli", "--log-level", "INFO", command, "-c", str(config)]
+    args = [PY, "-m", "energy_agent", "--log-level", "INFO", command, "-c", str(config)]
     if stats_interval:
         args += ["--stats-interval", str(stats_interval)]
     if stats_file is not None:

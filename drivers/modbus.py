@@ -31,11 +31,11 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from agent.clock import Clock
-from agent.errors import DeviceError
-from drivers import codec
-from drivers.profile import Block, MeterProfile, decode_block, plan_blocks
-from drivers.reading import Reading
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import DeviceError
+from energy_agent.core.reading import Reading
+from energy_agent.drivers import codec
+from energy_agent.drivers.profile import Block, MeterProfile, decode_block, plan_blocks
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ consumer's: not used. A meter's noise around zero (an idle machine reading -0.4 
 
 
 def check_value(q: str, v: float, max_power_w: float | None) -> str | None:
-    """Why a decoded value is not a measurement (a ``drivers.reading.BAD_REASONS`` code), or None."""
+    """Why a decoded value is not a measurement (a ``energy_agent.core.reading.BAD_REASONS`` code), or None."""
     if math.isnan(v):
         return "nan"
     if math.isinf(v):
@@ -88,7 +88,7 @@ class ModbusBus:
 
     @classmethod
     def for_meter(cls, dev) -> "ModbusBus":
-        """The bus of a configured meter (``agent.config.MeterDevice``)."""
+        """The bus of a configured meter (``energy_agent.app.config.MeterDevice``)."""
         return cls(dev.host or "", dev.port, framer=dev.transport, timeout_s=dev.timeout_s,
                    serial=dev.serial if dev.transport == "rtu" else None)
 

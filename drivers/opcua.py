@@ -43,14 +43,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent.certs import certificate_uri, load_certificate, thumbprint
-from agent.clock import Clock, sleep_or_stop
-from agent.errors import AgentError, DeviceError
-from drivers.profile import BrowsePath, NodeMap, NodeRef
-from drivers.reading import Reading
+from energy_agent.core.clock import Clock, sleep_or_stop
+from energy_agent.core.errors import AgentError, DeviceError
+from energy_agent.core.reading import Reading
+from energy_agent.drivers.nodemap import BrowsePath, NodeMap, NodeRef
+from energy_agent.drivers.pki import certificate_uri, load_certificate, thumbprint
 
 if TYPE_CHECKING:
-    from agent.config import CncSecurity
+    from energy_agent.drivers.config import CncSecurity
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ A node map point given as a browse path is created where the path says: the obje
 variable at its end, each with the browse name of its path element (namespace URIs are
 registered on the server).
 
-Values follow each machine's timeline (:attr:`simulators.scenario.Timeline.cnc_changes`). An
+Values follow each machine's timeline (:attr:`energy_agent.simulators.scenario.Timeline.cnc_changes`). An
 update task runs every ``tick_s`` (10 ms) real seconds and publishes every change whose
 instant has passed, in order, each with its *exact* instant as SourceTimestamp (anchor +
 change time; ServerTimestamp = the real time of the write, the server's clock as in its publish
@@ -47,10 +47,10 @@ from asyncua.crypto.permission_rules import User, UserRole
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.clock import Clock
-from agent.errors import ConfigError
-from drivers.profile import ROOTS, BrowsePath
-from simulators.scenario import MachineSim, Scenario
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import ConfigError
+from energy_agent.drivers.nodemap import ROOTS, BrowsePath
+from energy_agent.simulators.scenario import MachineSim, Scenario
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import asyncio
 import logging
 from typing import Any
 
-from simulators.scenario import Fault, Scenario
+from energy_agent.simulators.scenario import Fault, Scenario
 
 log = logging.getLogger(__name__)
 

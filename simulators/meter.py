@@ -17,7 +17,7 @@ at all (the action raises ``NoSuchIdException`` and the server runs with
 ``ignore_missing_devices=True``, which drops the response): the client's request times out
 while other units on the same connection keep answering. Damaged frames are beyond what the
 server can send: with a ``modbus_garbled`` fault in the scenario the bank serves its TCP port
-through :class:`simulators.garble.GarblingProxy`, which damages the responses of the faulty
+through :class:`energy_agent.simulators.garble.GarblingProxy`, which damages the responses of the faulty
 unit inside the fault's window on their way to the client.
 """
 
@@ -34,11 +34,11 @@ from pymodbus.exceptions import NoSuchIdException
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from agent.clock import Clock
-from drivers import codec
-from drivers.profile import MeterProfile, RegisterPoint
-from simulators.garble import GarblingProxy
-from simulators.scenario import Fault, MachineSim, Scenario
+from energy_agent.core.clock import Clock
+from energy_agent.drivers import codec
+from energy_agent.drivers.profile import MeterProfile, RegisterPoint
+from energy_agent.simulators.garble import GarblingProxy
+from energy_agent.simulators.scenario import Fault, MachineSim, Scenario
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def apply_faults(machine: MachineSim, faults: list[Fault], t: float, values: dic
     or changes ``values`` in place and returns None. ``faults`` are in order of ``from_s``;
     the earliest active fault that refuses the request wins, and of several counter resets the
     latest counts (a counter jump after a reset adds its step to the reset register).
-    ``modbus_garbled`` acts on the wire (:mod:`simulators.garble`), not here.
+    ``modbus_garbled`` acts on the wire (:mod:`energy_agent.simulators.garble`), not here.
     """
     for f in faults:
         if not f.active(t):

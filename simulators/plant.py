@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from simulators.services import free_port, signal_group, stop_process
+from energy_agent import examples
+from energy_agent.simulators.services import free_port, signal_group, stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "config" / "demo.yaml"
+DEMO_CONFIG = examples.DEMO
 DEMO_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "demo.yaml"
 
 
@@ -108,7 +108,7 @@ class PlantRun:
         log = self.workdir / f"{name}.log"
         fh = open(log, "ab")
         offset = fh.tell()
-        popen = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+        popen = subprocess.Popen([sys.executable, "-m", "energy_agent", *args], stdout=fh, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True,
                                  env={**os.environ, **(env or {})})
         fh.close()
@@ -201,7 +201,7 @@ class PlantRun:
             time.sleep(0.25)
 
     def truth(self) -> list[dict]:
-        out = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(self.scenario_path), "--truth"],
+        out = subprocess.run([sys.executable, "-m", "energy_agent", "simulate", str(self.scenario_path), "--truth"],
                              capture_output=True, text=True, check=True, cwd=self.workdir)
         import json
 

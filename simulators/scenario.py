@@ -26,11 +26,21 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from agent.errors import ConfigError
-from agent.states import CODE, STATES
-from drivers.profile import MeterProfile, NodeMap, format_validation, load_nodemap, load_profile
+from energy_agent.core.errors import ConfigError
+from energy_agent.core.states import CODE, STATES
+from energy_agent.core.validation import format_validation
+from energy_agent.drivers.nodemap import NodeMap, load_nodemap
+from energy_agent.drivers.profile import MeterProfile, load_profile
 
 JOB_STATES = ("setup", "processing", "interrupted")
 IDLE_STATES = ("off", "standby", "ready")
@@ -53,7 +63,7 @@ class FaultKind:
 
 FAULT_KINDS: dict[str, FaultKind] = {
     # Adding a kind: an entry here (validation, docs), its effect in the device's fault hook
-    # (``simulators.meter.apply_faults`` for meters; ``simulators.cnc.cnc_events`` for CNCs,
+    # (``energy_agent.simulators.meter.apply_faults`` for meters; ``energy_agent.simulators.cnc.cnc_events`` for CNCs,
     # where a fault's start and end become events of the published timeline).
     "meter_silent": FaultKind("meter", "required",
                               "the meter does not answer in [from_s, to_s): requests time out"),

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from agent.clock import Clock
-from agent.errors import AgentError, ConfigError
-from simulators import scenario as scn
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import AgentError, ConfigError
+from energy_agent.simulators import scenario as scn
 
 if TYPE_CHECKING:  # the servers' libraries load only when serving (the CLI builds its parser with this module)
-    from simulators.cnc import CncBank
-    from simulators.meter import MeterBank
+    from energy_agent.simulators.cnc import CncBank
+    from energy_agent.simulators.meter import MeterBank
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ async def serve(s: scn.Scenario, clock: Clock, host: str = "127.0.0.1", modbus_p
     set or, with ``until_end``, until scenario time ``duration_s + grace_s``. Port 0 picks a free
     port; ``serial_device`` serves the meters as RTU on a serial line instead of TCP. ``ready``
     gets the one-line ready message (default: printed to stdout and flushed)."""
-    from simulators.cnc import CncBank
-    from simulators.meter import MeterBank
+    from energy_agent.simulators.cnc import CncBank
+    from energy_agent.simulators.meter import MeterBank
 
     stop_event = stop_event or asyncio.Event()
     meters = MeterBank(s, clock, host=host, port=modbus_port, framer=framer, serial_device=serial_device,
@@ -134,8 +134,8 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m simulators.serve SCENARIO ...``)."""
-    p = argparse.ArgumentParser(prog="simulators.serve", description=__doc__)
+    """Standalone entry (``python -m energy_agent.simulators.serve SCENARIO ...``)."""
+    p = argparse.ArgumentParser(prog="energy_agent.simulators.serve", description=__doc__)
     add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import getpass
 import json
-import weakref
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from pathlib import Path
 
 PACKAGES = {"mosquitto": "mosquitto", "influxd": "influxdb", "victoria-metrics": "victoria-metrics"}

@@ -6,7 +6,7 @@ package to install in the message. Test modules add their own fixtures next to t
 
 import pytest
 
-from simulators.services import InfluxDB1, Mosquitto, VictoriaMetrics
+from energy_agent.simulators.services import InfluxDB1, Mosquitto, VictoriaMetrics
 
 
 def _serve(cls, tmp_path_factory):

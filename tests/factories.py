@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from agent import record, states
-from agent.config import Calibration, EmissionFactor, MeterDevice
-from agent.energy import JobEnergy
-from agent.machine import FinishedJob, JobInfo
+from energy_agent.core import states
+from energy_agent.domain.energy import JobEnergy
+from energy_agent.domain.tracker import FinishedJob, JobInfo
+from energy_agent.drivers.config import Calibration, MeterDevice
+from energy_agent.records import record
+from energy_agent.records.config import EmissionFactor
 
 FACTOR = EmissionFactor(value=0.6592, authority="MONRE DCC", document="notice 2023", region="VN", year=2023,
                         method="CDM combined margin", basis="location")

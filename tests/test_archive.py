@@ -22,13 +22,15 @@ import numpy as np
 import pytest
 import yaml
 
-from agent import archive, energy, record, replay, states
-from agent.energy import compute_job
-from agent.ledger import Ledger
-from agent.machine import MachineTracker
-from drivers.profile import load_nodemap
-from drivers.reading import Reading
-from simulators.plant import DEMO_SCENARIO, PlantRun
+from energy_agent.core import states
+from energy_agent.core.reading import Reading
+from energy_agent.domain import energy
+from energy_agent.domain.energy import compute_job
+from energy_agent.domain.tracker import MachineTracker
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.records import archive, record, replay
+from energy_agent.records.ledger import Ledger
+from energy_agent.simulators.plant import DEMO_SCENARIO, PlantRun
 from tests import factories
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +143,7 @@ def test_the_writer_logs_a_failure_once_and_never_raises(tmp_path, caplog):
     blocker.write_text("a file where the archive folder should be")
     w = archive.ArchiveWriter(blocker)
     job = factories.finished_job()  # built without captured inputs
-    with caplog.at_level(logging.ERROR, logger="agent.archive"):
+    with caplog.at_level(logging.ERROR, logger="energy_agent.records.archive"):
         for i in range(3):
             w.submit(f"{i:032x}", job)
         w.close()
@@ -158,7 +160,7 @@ class Feed:
 
     def __init__(self):
         self.jobs = []
-        self.tr = MachineTracker("m1", load_nodemap("opc40502"), max_gap_s=5.0, close_timeout_s=10.0,
+        self.tr = MachineTracker("m1", load_nodemap("opc40502").rules, max_gap_s=5.0, close_timeout_s=10.0,
                                  rollover_kwh=0.0, max_power_w=20000.0, on_finished=self.jobs.append)
         self.t, self.e, self.p = 0.0, 12345.6, 1000.0
         self.rng = np.random.default_rng(3)
@@ -267,7 +269,7 @@ async def test_a_changed_sample_in_a_frame_is_a_difference(tmp_path):
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "energy_agent", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
 
 

@@ -24,20 +24,20 @@ import numpy as np
 import pytest
 import yaml
 
-from agent import config
-from agent.clock import Clock
-from agent.errors import ConfigError
-from agent.ledger import Ledger
-from agent.runtime import Agent
-from drivers.modbus import MeterDriver, ModbusBus
-from drivers.profile import load_profile
-from drivers.reading import Availability, Reading
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.demo import tolerance_kwh
-from simulators.meter import MeterBank
-from simulators.plant import DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.app import config
+from energy_agent.app.demo import tolerance_kwh
+from energy_agent.app.runtime import Agent
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import ConfigError
+from energy_agent.core.reading import Availability, Reading
+from energy_agent.drivers.modbus import MeterDriver, ModbusBus
+from energy_agent.drivers.profile import load_profile
+from energy_agent.records.ledger import Ledger
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.meter import MeterBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 
 SPEED = 30.0
 POLL_S = 1.5  # meter poll interval, plant seconds (50 ms real)

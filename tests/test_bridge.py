@@ -16,13 +16,18 @@ from datetime import datetime, timezone
 
 import pytest
 
-from agent import config
-from agent.bridge import Bridge
-from agent.errors import ConfigError, DeliveryError, RecordError
-from agent.influx import record_to_point
-from agent.mqtt import MqttClient
-from agent.states import STATES
-from simulators.services import InfluxDB1, Mosquitto, VictoriaMetrics, free_port
+from energy_agent.app import config
+from energy_agent.bridge.bridge import Bridge
+from energy_agent.bridge.influx import record_to_point
+from energy_agent.core.errors import ConfigError, DeliveryError, RecordError
+from energy_agent.core.states import STATES
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.simulators.services import (
+    InfluxDB1,
+    Mosquitto,
+    VictoriaMetrics,
+    free_port,
+)
 
 SITE, AGENT = "s1", "gw1"
 FACTOR = {"value": 0.5306, "authority": "MEE/NBS", "document": "2023 national average", "region": "CN",
@@ -265,7 +270,7 @@ def test_line_is_exactly_the_point():
     and number-formatting rule; and these plainly valid records take the fast path."""
     import random
 
-    from agent.influx import _fast_line, _head, record_to_line
+    from energy_agent.bridge.influx import _fast_line, _head, record_to_line
     rng = random.Random(1790)
     recs = _variants(rng)
     for measurement in ("job_energy", "energy use", "a,b=c"):
@@ -284,7 +289,7 @@ def test_line_refuses_what_the_point_refuses_with_the_same_words():
     """Every malformed record: record_to_line raises the RecordError record_to_point raises."""
     import random
 
-    from agent.influx import record_to_line
+    from energy_agent.bridge.influx import record_to_line
     rng = random.Random(14067)
     good = make_record(5)
     cases = [json.loads(p) for p in _mutations(good)]
@@ -325,7 +330,7 @@ def test_bridge_needs_mqtt_and_influx(tmp_path):
     for missing in ("mqtt", "influx"):
         cfg = loaded.config.model_copy(update={missing: None})
         with pytest.raises(ConfigError, match=f"^{missing}: the bridge needs"):
-            Bridge(config.Loaded(cfg, tmp_path))
+            config.Loaded(cfg, tmp_path).bridge_settings()
 
 
 # ---------------------------------------------------------------------- MQTT adapter
@@ -376,7 +381,7 @@ async def test_publish_waits_for_the_puback(tmp_path):
 
 
 async def test_outage_fails_fast_logs_once_and_reconnects_with_subscriptions(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    caplog.set_level(logging.INFO, logger="energy_agent.delivery.mqtt")
     broker = Mosquitto().start(tmp_path)
     c = MqttClient(host="127.0.0.1", port=broker.port, client_id="outage", reconnect_min_s=1, reconnect_max_s=1)
     try:
@@ -398,7 +403,7 @@ async def test_outage_fails_fast_logs_once_and_reconnects_with_subscriptions(tmp
     finally:
         await c.close()
         broker.stop()
-    records = [r for r in caplog.records if r.name == "agent.mqtt"]
+    records = [r for r in caplog.records if r.name == "energy_agent.delivery.mqtt"]
     warnings = [r for r in records if r.levelno == logging.WARNING]
     again = [r for r in records if "connected again" in r.getMessage()]
     assert len(warnings) == 1 and "connection lost" in warnings[0].getMessage()
@@ -414,7 +419,7 @@ async def test_connect_to_a_closed_port_says_refused():
 
 async def test_two_clients_with_one_client_id_are_named_once(tmp_path, caplog):
     """The broker drops the older of two clients sharing a client id, then the other: say so, once."""
-    caplog.set_level(logging.DEBUG, logger="agent.mqtt")
+    caplog.set_level(logging.DEBUG, logger="energy_agent.delivery.mqtt")
     broker = Mosquitto().start(tmp_path)
     a = MqttClient(host="127.0.0.1", port=broker.port, client_id="twin", reconnect_min_s=1, reconnect_max_s=1)
     b = MqttClient(host="127.0.0.1", port=broker.port, client_id="twin", reconnect_min_s=1, reconnect_max_s=1)
@@ -487,7 +492,7 @@ async def test_bridge_to_influxdb_v1_once_and_idempotent(tmp_path, mosquitto, in
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url, "database": "bridge_v1",
                                                        "client_id": "bridge-v1-test"})
     recs = make_records(12)
-    async with Running(Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl")) as bridge:
+    async with Running(Bridge(loaded.bridge_settings(), dead_letter_path=tmp_path / "dl.jsonl")) as bridge:
         await publish_all(mosquitto.port, recs, "pub-v1")
         await publish_all(mosquitto.port, recs[:5], "pub-v1-replay")  # replayed records
         await until(lambda: bridge.written >= 17, 15, "17 writes")
@@ -516,7 +521,7 @@ async def test_bridge_in_small_batches_lands_awkward_strings_and_acks_everything
         rec["emissions"]["factor"]["id"] = strings[(i + 3) % len(strings)]
 
     def make():
-        return Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl", batch_max=7, batch_window_s=0.01)
+        return Bridge(loaded.bridge_settings(), dead_letter_path=tmp_path / "dl.jsonl", batch_max=7, batch_window_s=0.01)
 
     async with Running(make()) as bridge:
         await publish_all(mosquitto.port, recs, "pub-batches")
@@ -551,7 +556,7 @@ async def test_bridge_to_victoriametrics_v2(tmp_path, mosquitto, own_victoria, m
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v2", "url": victoria.url, "org": "o", "bucket": "b",
                                                        "token_env": "VM_TEST_TOKEN", "client_id": "bridge-vm-test"})
     recs = make_records(6, machine="vm-m1")
-    async with Running(Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl")) as bridge:
+    async with Running(Bridge(loaded.bridge_settings(), dead_letter_path=tmp_path / "dl.jsonl")) as bridge:
         await publish_all(mosquitto.port, recs, "pub-vm")
         await publish_all(mosquitto.port, recs[:2], "pub-vm-replay")
         await until(lambda: bridge.written >= 8, 15, "8 writes")
@@ -621,7 +626,7 @@ def _mutations(rec: dict) -> list[bytes]:
 
 
 async def test_bridge_dead_letters_malformed_payloads_and_keeps_working(tmp_path, mosquitto, influxdb, caplog):
-    caplog.set_level(logging.WARNING, logger="agent.bridge")
+    caplog.set_level(logging.WARNING, logger="energy_agent.bridge.bridge")
     influxdb.create_database("bridge_fuzz")
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url, "database": "bridge_fuzz",
                                                        "client_id": "bridge-fuzz-test"})
@@ -629,7 +634,7 @@ async def test_bridge_dead_letters_malformed_payloads_and_keeps_working(tmp_path
     bad = MALFORMED + _mutations(good[0]) + [b"x" * 300_000]
     assert len(bad) + 1 >= 50  # the +1: a valid record on the wrong topic
     dl = tmp_path / "dead" / "letters.jsonl"
-    async with Running(Bridge(loaded, dead_letter_path=dl)) as bridge:
+    async with Running(Bridge(loaded.bridge_settings(), dead_letter_path=dl)) as bridge:
         c = MqttClient(host="127.0.0.1", port=mosquitto.port, client_id="fuzzer", clean_start=True)
         await c.connect(5)
         await asyncio.gather(*(c.publish("energy/v1/s1/gw1/fz/record", p) for p in bad))
@@ -659,7 +664,7 @@ async def test_bridge_dead_letters_malformed_payloads_and_keeps_working(tmp_path
 
 async def test_bridge_loses_nothing_while_influxdb_or_the_bridge_is_down(tmp_path, mosquitto, caplog):
     """Acks follow writes: what was not written is redelivered, also to the next bridge run."""
-    caplog.set_level(logging.INFO, logger="agent.bridge")
+    caplog.set_level(logging.INFO, logger="energy_agent.bridge.bridge")
     db = InfluxDB1().start(tmp_path / "influx")
     try:
         db.create_database("energy")
@@ -668,7 +673,7 @@ async def test_bridge_loses_nothing_while_influxdb_or_the_bridge_is_down(tmp_pat
         recs = make_records(12, machine="flt")
 
         def make():
-            return Bridge(loaded, dead_letter_path=tmp_path / "dl.jsonl", retry_min_s=0.05, retry_max_s=0.2)
+            return Bridge(loaded.bridge_settings(), dead_letter_path=tmp_path / "dl.jsonl", retry_min_s=0.05, retry_max_s=0.2)
 
         async with Running(make()) as bridge:
             await publish_all(mosquitto.port, recs[:2], "pub-f1")
@@ -709,7 +714,7 @@ async def test_bridge_dead_letters_what_influxdb_rejects_and_writes_the_rest(tmp
     loaded = bridge_config(tmp_path, mosquitto.port, {"api": "v1", "url": influxdb.url,
                                                        "database": "bridge_conflict", "client_id": "bridge-cf"})
     dl = tmp_path / "dl.jsonl"
-    async with Running(Bridge(loaded, dead_letter_path=dl)) as bridge:
+    async with Running(Bridge(loaded.bridge_settings(), dead_letter_path=dl)) as bridge:
         await publish_all(mosquitto.port, recs, "pub-cf")
         await until(lambda: bridge.written >= 3 and bridge.dead["rejected"] == 1, 10, "3 written, 1 rejected")
     ids = {r["record_id"] for r in influxdb.query("SELECT * FROM job_energy WHERE record_id <> ''",

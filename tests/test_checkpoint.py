@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from agent.ledger import Ledger
-from agent.machine import MachineTracker
-from drivers.profile import load_nodemap
-from drivers.reading import Reading
+from energy_agent.core.reading import Reading
+from energy_agent.domain.tracker import MachineTracker
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.records.ledger import Ledger
 
 PROCESSING = {"channel_status": 0, "program_status": 1, "operation_mode": 0, "program": "O1", "parts_total": 0}
 WALL0 = 1_800_000_000.0
@@ -29,7 +29,7 @@ class Meter:
 
 def tracker(jobs, offset: float) -> MachineTracker:
     """A tracker whose monotonic clock is wall - WALL0 - offset (a new process: a new offset)."""
-    return MachineTracker("m1", load_nodemap("opc40502"), max_gap_s=5.0, close_timeout_s=10.0,
+    return MachineTracker("m1", load_nodemap("opc40502").rules, max_gap_s=5.0, close_timeout_s=10.0,
                           on_finished=jobs.append)
 
 

@@ -4,11 +4,13 @@ import csv
 import io
 import json
 import sqlite3
+
 import yaml
 
-from agent.cli import main
-from agent.ledger import Ledger
+from energy_agent.app.cli import main
+from energy_agent.records.ledger import Ledger
 from tests import factories
+
 
 async def _ledger(tmp_path):
     cfg = yaml.safe_load(open("config/demo.yaml"))

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import config
-from agent.cli import main
-from agent.errors import ConfigError
+from energy_agent.app import config
+from energy_agent.app.cli import main
+from energy_agent.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import config
-from agent.bridge import Bridge
-from agent.ledger import Ledger
-from agent.mqtt import MqttClient
-from agent.publish import Publisher
-from agent.record import verify_chain
-from agent.status import Status, offline_payload, status_topic
-from simulators.services import Mosquitto
+from energy_agent.app import config
+from energy_agent.bridge.bridge import Bridge
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.delivery.outbox import Publisher
+from energy_agent.delivery.status import Status, offline_payload, status_topic
+from energy_agent.records.ledger import Ledger
+from energy_agent.records.record import verify_chain
+from energy_agent.simulators.services import Mosquitto
 from tests import factories
 from tests.factories import until
 
@@ -81,7 +81,7 @@ async def test_two_bridges_share_a_subscription_and_confirm_every_record(tmp_pat
     await ledger.open()
     influx = {"api": "v1", "url": influxdb.url, "database": "shared", "confirm_as": "store-a",
               "subscription": "$share/bridges/energy/v1/+/+/+/record"}
-    bridges = [Bridge(bridge_loaded(tmp_path / f"b{i}", broker.port, {**influx, "client_id": f"bridge-{i}"}),
+    bridges = [Bridge(bridge_loaded(tmp_path / f"b{i}", broker.port, {**influx, "client_id": f"bridge-{i}"}).bridge_settings(),
                       dead_letter_path=tmp_path / f"dl{i}.jsonl") for i in (1, 2)]
     client = MqttClient(host="127.0.0.1", port=broker.port, client_id="agent-shared")
     stop = asyncio.Event()
@@ -119,7 +119,7 @@ async def unconfirmed_is_zero(ledger: Ledger) -> bool:
 async def test_unconfirmed_records_are_published_again(tmp_path, caplog):
     """Without a confirmation within resend_after_s a record goes out again; a confirmation
     from a bridge the agent does not wait for, or a malformed one, changes nothing."""
-    caplog.set_level(logging.WARNING, logger="agent.publish")
+    caplog.set_level(logging.WARNING, logger="energy_agent.delivery.outbox")
     async with publishing(tmp_path, "energy/v1/s/a/+/record", confirm_by=frozenset({"store"}),
                           resend_after_s=1.0, confirm_topic="energy/v1/s/a/confirm") as (ledger, publisher, consumer):
         recs = await factories.fill(ledger, "m1", 3, site="s", agent="a")
@@ -253,7 +253,7 @@ def test_verify_command_uses_the_anchors(tmp_path):
     cfg = (ROOT / "config" / "demo.yaml").read_text().replace("ledger: {path: ledger.db}",
                                                               "ledger: {path: var/ledger.db}")
     (tmp_path / "plant.yaml").write_text(cfg)
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "verify", "-c", str(tmp_path / "plant.yaml")],
+    out = subprocess.run([sys.executable, "-m", "energy_agent", "verify", "-c", str(tmp_path / "plant.yaml")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 records, 1 machines: chains intact" in out.stdout
@@ -294,7 +294,7 @@ def _remount(mnt: Path, mode: str) -> None:
 
 
 def _agent(tmp_path: Path, ledger_path: Path, hold_max: int):
-    from agent.runtime import Agent
+    from energy_agent.app.runtime import Agent
 
     text = (ROOT / "config" / "demo.yaml").read_text()
     data = yaml.safe_load(text)
@@ -304,7 +304,7 @@ def _agent(tmp_path: Path, ledger_path: Path, hold_max: int):
 
 
 async def test_disk_full_holds_records_then_stores_them(tmp_path, small_fs, caplog):
-    caplog.set_level(logging.INFO, logger="agent.runtime")
+    caplog.set_level(logging.INFO, logger="energy_agent.app.runtime")
     agent = _agent(tmp_path, small_fs / "ledger.db", hold_max=50)
     agent.store_retry_s = (0.05, 0.2)
     await agent.ledger.open()
@@ -372,7 +372,7 @@ def test_corrupt_ledger_at_start_is_a_clear_error(tmp_path):
     cfg = (ROOT / "config" / "demo.yaml").read_text().replace("ledger: {path: ledger.db}",
                                                               f"ledger: {{path: '{ledger}'}}")
     (tmp_path / "plant.yaml").write_text(cfg)
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "run", "-c", str(tmp_path / "plant.yaml")],
+    out = subprocess.run([sys.executable, "-m", "energy_agent", "run", "-c", str(tmp_path / "plant.yaml")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode != 0
     assert f"{ledger}: cannot open the ledger: file is not a database" in out.stderr

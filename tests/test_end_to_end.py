@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from agent.influx import record_to_point
-from agent.ledger import Ledger
-from agent.record import verify_chain
-from simulators.demo import tolerance_kwh
-from simulators.plant import PlantRun
+from energy_agent.app.demo import tolerance_kwh
+from energy_agent.bridge.influx import record_to_point
+from energy_agent.records.ledger import Ledger
+from energy_agent.records.record import verify_chain
+from energy_agent.simulators.plant import PlantRun
 
 
 @pytest.fixture(scope="module")

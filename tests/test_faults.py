@@ -22,11 +22,11 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from agent.ledger import Ledger
-from agent.record import verify_chain
-from simulators.demo import tolerance_kwh
-from simulators.plant import PlantRun
-from simulators.services import InfluxDB1, Mosquitto
+from energy_agent.app.demo import tolerance_kwh
+from energy_agent.records.ledger import Ledger
+from energy_agent.records.record import verify_chain
+from energy_agent.simulators.plant import PlantRun
+from energy_agent.simulators.services import InfluxDB1, Mosquitto
 
 SCENARIO = Path(__file__).resolve().parents[1] / "simulators" / "scenarios" / "faults.yaml"
 OVERRIDES = {"ledger": {"checkpoint_s": 0.5}, "mqtt": {"resend_after_s": 30.0}}

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from asyncua import Server, ua
 
-from agent import config
-from agent.runtime import Agent
+from energy_agent.app import config
+from energy_agent.app.runtime import Agent
 from tests.rawmodbus import RawModbusServer
 
 NS_URI = "urn:test:foreign-vendor-cnc"
@@ -169,7 +169,7 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server, mode
         await task
         await meter.stop()
 
-    from agent.ledger import Ledger
+    from energy_agent.records.ledger import Ledger
 
     ledger = Ledger(tmp_path / "ledger.db")
     recs = ledger.records()

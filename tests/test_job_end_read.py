@@ -18,14 +18,14 @@ from datetime import datetime, timezone
 
 import yaml
 
-from agent import config
-from agent.clock import Clock
-from agent.runtime import Agent
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.meter import MeterBank
-from simulators.plant import DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.app import config
+from energy_agent.app.runtime import Agent
+from energy_agent.core.clock import Clock
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.meter import MeterBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 
 SPEED = 60.0
 POLL_S = 60.0  # plant seconds: 1 s real

@@ -14,11 +14,25 @@ import numba
 import numpy as np
 import pytest
 
-from agent import energy
-from agent.energy import (NQ, Q_COUNTER_KWH, Q_COUNTER_S, Q_COVERED_S, Q_GAPS, Q_JUMPS, Q_LONGEST_GAP_S,
-                          Q_POWER_KWH, Q_POWER_S, Q_RESETS, Q_ROLLOVERS, Q_WINDOW_S, compute_job, compute_jobs,
-                          energy_batch)
-from agent.states import N_STATES
+from energy_agent.core.states import N_STATES
+from energy_agent.domain import energy
+from energy_agent.domain.energy import (
+    NQ,
+    Q_COUNTER_KWH,
+    Q_COUNTER_S,
+    Q_COVERED_S,
+    Q_GAPS,
+    Q_JUMPS,
+    Q_LONGEST_GAP_S,
+    Q_POWER_KWH,
+    Q_POWER_S,
+    Q_RESETS,
+    Q_ROLLOVERS,
+    Q_WINDOW_S,
+    compute_job,
+    compute_jobs,
+    energy_batch,
+)
 
 WS = 1.0 / 3.6e6
 ROLLOVER_KWH = 65536.0  # a register wrapping at 2**16 kWh
@@ -268,7 +282,7 @@ def test_windows_in_any_order_equal_job_energy_exactly(data):
 def test_galloping_search_equals_searchsorted():
     # The batch's search from a hint must find what a binary search finds, whatever the hint,
     # with repeated values (state changes at the same time) and values outside the array.
-    from agent import kernels
+    from energy_agent.domain import kernels
 
     rng = np.random.default_rng(11)
     for size in (1, 2, 3, 17, 1000):

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from agent.machine import MachineTracker
-from drivers.profile import load_nodemap
-from drivers.reading import Reading
+from energy_agent.core.reading import Reading
+from energy_agent.domain.tracker import MachineTracker
+from energy_agent.drivers.nodemap import load_nodemap
 
 PROCESSING = {"channel_status": 0, "program_status": 1, "operation_mode": 0}
 SETUP = {"channel_status": 0, "program_status": 0, "operation_mode": 2}
@@ -20,7 +20,7 @@ class Plant:
         self.jobs = []
         kw.setdefault("max_gap_s", 5.0)
         kw.setdefault("close_timeout_s", 10.0)
-        self.tr = MachineTracker("m1", load_nodemap("opc40502"), on_finished=self.jobs.append, **kw)
+        self.tr = MachineTracker("m1", load_nodemap("opc40502").rules, on_finished=self.jobs.append, **kw)
         self.t = 0.0
         self.e = 100.0
         self.p = 1000.0
@@ -219,7 +219,7 @@ def test_job_start_stamped_before_the_latest_meter_sample_keeps_full_coverage():
 
 
 def test_state_timeline_orders_late_changes():
-    from agent.samples import StateTimeline
+    from energy_agent.domain.samples import StateTimeline
 
     tl = StateTimeline(capacity=2)
     assert tl.append(1.0, 2) and not tl.append(2.0, 2)

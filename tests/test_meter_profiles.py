@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from agent.clock import Clock
-from drivers import codec
-from drivers.modbus import MeterDriver, ModbusBus
-from drivers.profile import PROFILE_DIR, MeterProfile, load_profile
-from simulators.meter import MeterBank, physical_values
-from simulators.scenario import Scenario
-from simulators.services import free_port
+from energy_agent.core.clock import Clock
+from energy_agent.drivers import codec
+from energy_agent.drivers.modbus import MeterDriver, ModbusBus
+from energy_agent.drivers.profile import PROFILE_DIR, MeterProfile, load_profile
+from energy_agent.simulators.meter import MeterBank, physical_values
+from energy_agent.simulators.scenario import Scenario
+from energy_agent.simulators.services import free_port
 
 PROFILES = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 

@@ -5,13 +5,13 @@ import time
 import numpy as np
 import pytest
 
-from agent.clock import Clock
-from drivers.modbus import MeterDriver, ModbusBus
-from drivers.profile import load_profile
-from simulators import scenario as scn
-from simulators.meter import MeterBank
-from simulators.plant import DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.core.clock import Clock
+from energy_agent.drivers.modbus import MeterDriver, ModbusBus
+from energy_agent.drivers.profile import load_profile
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.meter import MeterBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 
 DEMO = scn.load(DEMO_SCENARIO)
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from agent.clock import Clock
-from agent.config import SerialLine
-from drivers.modbus import MeterDriver, ModbusBus
-from drivers.profile import load_profile
-from simulators import scenario as scn
-from simulators.meter import MeterBank
-from simulators.plant import DEMO_SCENARIO
+from energy_agent.core.clock import Clock
+from energy_agent.drivers.config import SerialLine
+from energy_agent.drivers.modbus import MeterDriver, ModbusBus
+from energy_agent.drivers.profile import load_profile
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.meter import MeterBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
 
 DEMO = scn.load(DEMO_SCENARIO)
 
@@ -78,7 +78,7 @@ async def test_meters_share_one_rtu_line_and_recover_after_a_silent_meter(pty_pa
 
 
 def test_rtu_config_needs_a_serial_line():
-    from agent.config import MeterDevice
+    from energy_agent.drivers.config import MeterDevice
 
     with pytest.raises(ValueError, match="transport rtu needs serial"):
         MeterDevice(id="pm", transport="rtu", profile="eastron-sdm630")

@@ -1,4 +1,4 @@
-"""paho's network thread in batches (agent.mqtt._Client) against a real Mosquitto: joined writes,
+"""paho's network thread in batches (energy_agent.delivery.mqtt._Client) against a real Mosquitto: joined writes,
 read-ahead, the short paths for plain PUBACKs and PUBLISHes, bulk acks, and the check that the
 installed paho is the one those rely on."""
 
@@ -11,12 +11,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import mqtt
-from agent.mqtt import MqttClient
+from energy_agent.delivery import mqtt
+from energy_agent.delivery.mqtt import MqttClient
 
 
 def test_the_installed_paho_is_the_one_the_batching_relies_on():
-    # Fails when paho-mqtt is upgraded: review agent.mqtt._Client against the new source, then
+    # Fails when paho-mqtt is upgraded: review energy_agent.delivery.mqtt._Client against the new source, then
     # update PAHO_INTERNALS (MqttClient refuses to start until then).
     assert mqtt.paho_differences() == []
     mqtt.check_paho()

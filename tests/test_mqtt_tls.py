@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent import config
-from agent.errors import ConfigError, DeliveryError
-from agent.mqtt import MqttClient, client_from_config
-from simulators.services import Mosquitto, require
+from energy_agent.app import config
+from energy_agent.core.errors import ConfigError, DeliveryError
+from energy_agent.delivery.mqtt import MqttClient, client_from_config
+from energy_agent.simulators.services import Mosquitto, require
 
 PASSWORD = "s3cret-plant-pw"
 

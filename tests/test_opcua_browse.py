@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from agent.clock import Clock
-from agent.errors import ConfigError
-from drivers.opcua import CncDriver
-from drivers.profile import NodeMap, load_nodemap
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.plant import DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import ConfigError
+from energy_agent.drivers.nodemap import NodeMap, load_nodemap
+from energy_agent.drivers.opcua import CncDriver
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 
 DEMO = scn.load(DEMO_SCENARIO)
 SPEED = 40.0
@@ -62,7 +62,7 @@ def _renamed(channel: str, job: str) -> scn.Scenario:
 
 
 async def test_paths_resolve_at_connect_and_again_after_a_reconnect(caplog):
-    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    caplog.set_level(logging.INFO, logger="energy_agent.drivers.opcua")
     clock = Clock(speed=SPEED, anchor=time.time() - 100.0 / SPEED)
     port = free_port()
     nm = _map(BROWSE)
@@ -95,7 +95,7 @@ async def test_paths_resolve_at_connect_and_again_after_a_reconnect(caplog):
 
 
 async def test_a_path_that_does_not_resolve_names_the_device_and_the_path(caplog):
-    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    caplog.set_level(logging.INFO, logger="energy_agent.drivers.opcua")
     clock = Clock(speed=SPEED, anchor=time.time())
     points = dict(BROWSE, serial={"path": "Objects/sim:m1/sim:Job/sim:NoSuchSerial", "optional": True})
     bank = CncBank(DEMO, clock, port=free_port())

@@ -15,14 +15,14 @@ import pytest
 from asyncua import ua
 from asyncua.common.callback import CallbackType
 
-from agent.clock import Clock
-from drivers.opcua import CncDriver
-from drivers.profile import load_nodemap
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.plant import DEMO_SCENARIO
-from simulators.serve import READY
-from simulators.services import free_port
+from energy_agent.core.clock import Clock
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.drivers.opcua import CncDriver
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
+from energy_agent.simulators.serve import READY
+from energy_agent.simulators.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = scn.load(DEMO_SCENARIO)
@@ -129,7 +129,7 @@ async def test_a_job_end_written_while_the_driver_connects_is_never_seen_in_halv
 
 def _simulate(port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulators.serve", str(DEMO_SCENARIO), "--modbus-port", "0",
+        [sys.executable, "-m", "energy_agent.simulators.serve", str(DEMO_SCENARIO), "--modbus-port", "0",
          "--opcua-port", str(port), "--speed", str(SPEED)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
     line = proc.stdout.readline()  # blocks until ready (or the process ends)
@@ -138,7 +138,7 @@ def _simulate(port: int) -> subprocess.Popen:
 
 
 async def test_frozen_server_trips_the_keepalive_watchdog_and_the_driver_recovers(caplog):
-    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    caplog.set_level(logging.INFO, logger="energy_agent.drivers.opcua")
     port = free_port()
     proc = _simulate(port)
     clock = Clock(speed=SPEED, anchor=time.time())

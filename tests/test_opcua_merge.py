@@ -3,9 +3,9 @@
 import asyncio
 from datetime import datetime, timezone
 
-from agent.clock import Clock
-from drivers.opcua import WRITE_SPREAD_S, CncDriver
-from drivers.profile import load_nodemap
+from energy_agent.core.clock import Clock
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.drivers.opcua import WRITE_SPREAD_S, CncDriver
 
 
 def _driver(readings):

@@ -4,13 +4,13 @@ import asyncio
 import logging
 import time
 
-from agent.clock import Clock
-from drivers.opcua import CncDriver
-from drivers.profile import load_nodemap
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.plant import DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.core.clock import Clock
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.drivers.opcua import CncDriver
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 
 DEMO = scn.load(DEMO_SCENARIO)
 
@@ -23,7 +23,7 @@ async def _until(cond, timeout, what):
 
 
 async def test_driver_reconnects_and_resubscribes_after_server_restart(caplog):
-    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    caplog.set_level(logging.INFO, logger="energy_agent.drivers.opcua")
     speed = 20.0
     # J-1001 starts at scenario 160 s = 8 s real from now: time for the server to start (~2 s,
     # more on a loaded machine), the first snapshot, the stop and noticing it, all before it.

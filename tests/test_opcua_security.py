@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent import certs, config
-from agent.clock import Clock
-from agent.errors import ConfigError
-from agent.probe import probe
-from drivers.opcua import CncDriver
-from simulators import scenario as scn
-from simulators.cnc import CncBank, ServerSecurity
-from simulators.plant import DEMO_CONFIG, DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.app import config
+from energy_agent.app.probe import probe
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import ConfigError
+from energy_agent.drivers import pki as certs
+from energy_agent.drivers.opcua import CncDriver
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank, ServerSecurity
+from energy_agent.simulators.plant import DEMO_CONFIG, DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = scn.load(DEMO_SCENARIO)
@@ -68,7 +69,7 @@ def _config(tmp_path: Path, endpoint: str, security: dict) -> config.Loaded:
 
 
 def _certs_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "certs", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "energy_agent", "certs", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
 
 
@@ -158,7 +159,7 @@ async def test_unknown_client_certificate_is_refused(server, pki, tmp_path, monk
 
 
 async def test_untrusted_server_is_refused_before_the_password_is_sent(server, pki, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="drivers.opcua")
+    caplog.set_level(logging.WARNING, logger="energy_agent.drivers.opcua")
     bank, clock = server
     (tmp_path / "trusted-servers").mkdir()
     shutil.copy(pki["rogue"][0], tmp_path / "trusted-servers" / "rogue.der")  # trusts another server only

@@ -20,13 +20,13 @@ import time
 
 import pytest
 
-from agent.clock import Clock
-from drivers import opcua
-from drivers.opcua import CncDriver
-from drivers.profile import load_nodemap
-from simulators import scenario as scn
-from simulators.cnc import BAD, CncBank, cnc_events
-from simulators.services import free_port
+from energy_agent.core.clock import Clock
+from energy_agent.drivers import opcua
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.drivers.opcua import CncDriver
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import BAD, CncBank, cnc_events
+from energy_agent.simulators.services import free_port
 
 SPEED = 50.0
 INTERVAL_S = 4.5  # plant s: 0.09 real s of publishing interval; instants every 5 or 10 plant s fall

@@ -7,12 +7,18 @@ import time
 
 import numpy as np
 
-from agent import config
-from agent.clock import Clock
-from agent.runtime import LATENESS_EDGES_MS, LATENESS_KEPT, Agent, Stats, spread_phases
-from simulators import scenario as scn
-from simulators.meter import MeterBank
-from simulators.plant import DEMO_SCENARIO
+from energy_agent.app import config
+from energy_agent.app.runtime import (
+    LATENESS_EDGES_MS,
+    LATENESS_KEPT,
+    Agent,
+    Stats,
+    spread_phases,
+)
+from energy_agent.core.clock import Clock
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.meter import MeterBank
+from energy_agent.simulators.plant import DEMO_SCENARIO
 
 
 def test_phases_spread_each_connection_and_interleave_connections():

@@ -6,14 +6,14 @@ import time
 import pytest
 import yaml
 
-from agent import config
-from agent.clock import Clock
-from agent.probe import probe
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.meter import MeterBank
-from simulators.plant import DEMO_CONFIG, DEMO_SCENARIO
-from simulators.services import free_port
+from energy_agent.app import config
+from energy_agent.app.probe import probe
+from energy_agent.core.clock import Clock
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.meter import MeterBank
+from energy_agent.simulators.plant import DEMO_CONFIG, DEMO_SCENARIO
+from energy_agent.simulators.services import free_port
 from tests.rawmodbus import RawModbusServer
 
 DEMO = scn.load(DEMO_SCENARIO)
@@ -79,7 +79,7 @@ async def test_probe_names_swapped_word_order_and_dead_devices(tmp_path):
 
 
 async def test_probe_unknown_device_lists_known_ones(tmp_path):
-    from agent.errors import ConfigError
+    from energy_agent.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"unknown device 'pm-9' \(known: cnc-1, cnc-2, pm-1, pm-2\)"):
         await probe(_plant(tmp_path, 1), "pm-9")

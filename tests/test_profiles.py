@@ -5,8 +5,15 @@ import struct
 
 import pytest
 
-from drivers import codec
-from drivers.profile import PROFILE_DIR, MeterProfile, decode_block, load_nodemap, load_profile, plan_blocks
+from energy_agent.drivers import codec
+from energy_agent.drivers.nodemap import load_nodemap
+from energy_agent.drivers.profile import (
+    PROFILE_DIR,
+    MeterProfile,
+    decode_block,
+    load_profile,
+    plan_blocks,
+)
 
 
 @pytest.mark.parametrize("type_, value", [

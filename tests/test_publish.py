@@ -6,12 +6,13 @@ import json
 import time
 from types import SimpleNamespace
 
-from agent import record
-from agent.ledger import Ledger
-from agent.mqtt import MqttClient
-from agent.publish import Publisher
-from simulators.services import Mosquitto
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.delivery.outbox import Publisher
+from energy_agent.records import record
+from energy_agent.records.ledger import Ledger
+from energy_agent.simulators.services import Mosquitto
 from tests import factories
+
 
 async def _until(cond, timeout, what):
     deadline = time.monotonic() + timeout

@@ -1,14 +1,20 @@
 """Records: RFC 8785 canonical form, hashing, chain verification and the ledger that stores them."""
 
 import json
-from datetime import date
 import os
 import stat
+from datetime import date
+
 import pytest
 
-from agent import record
-from agent.ledger import Ledger
-from agent.record import GENESIS, canonical_json, record_hash, verify_chain
+from energy_agent.records import record
+from energy_agent.records.ledger import Ledger
+from energy_agent.records.record import (
+    GENESIS,
+    canonical_json,
+    record_hash,
+    verify_chain,
+)
 from tests import factories
 
 
@@ -120,8 +126,8 @@ async def test_ledger_refuses_a_corrupt_file(tmp_path):
 async def test_agent_holds_a_record_while_the_ledger_fails_and_skips_only_duplicates(tmp_path, caplog):
     import yaml
 
-    from agent import config
-    from agent.runtime import Agent
+    from energy_agent.app import config
+    from energy_agent.app.runtime import Agent
 
     cfg = yaml.safe_load(open("config/demo.yaml"))
     cfg["ledger"] = {"path": str(tmp_path / "ledger.db")}

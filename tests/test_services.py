@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt import MqttClient
-from simulators.services import (InfluxDB1, Mosquitto, ServiceError, VictoriaMetrics, free_port, pid_alive,
-                                 require)
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.simulators.services import (
+    InfluxDB1,
+    Mosquitto,
+    ServiceError,
+    VictoriaMetrics,
+    free_port,
+    pid_alive,
+    require,
+)
 
 
 def listening(pid: int) -> set[tuple[str, str, int]]:
@@ -53,7 +60,7 @@ def assert_gone(pid: int) -> None:
 
 
 def test_require_names_the_debian_package(monkeypatch):
-    from simulators import services
+    from energy_agent.simulators import services
 
     for binary in ("mosquitto", "influxd", "victoria-metrics"):
         assert os.access(require(binary), os.X_OK)

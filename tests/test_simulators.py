@@ -28,15 +28,15 @@ from asyncua.common.subscription import DataChangeEvent
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusTcpClient
 
-from agent.clock import Clock
-from agent.errors import ConfigError
-from agent.states import CODE, STATES
-from drivers import codec
-from drivers.profile import decode_block, load_profile, plan_blocks
-from simulators import scenario as scn
-from simulators.cnc import CncBank
-from simulators.meter import MeterBank, encode_value, meter_values
-from simulators.serve import READY, serve
+from energy_agent.core.clock import Clock
+from energy_agent.core.errors import ConfigError
+from energy_agent.core.states import CODE, STATES
+from energy_agent.drivers import codec
+from energy_agent.drivers.profile import decode_block, load_profile, plan_blocks
+from energy_agent.simulators import scenario as scn
+from energy_agent.simulators.cnc import CncBank
+from energy_agent.simulators.meter import MeterBank, encode_value, meter_values
+from energy_agent.simulators.serve import READY, serve
 from tests.factories import until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -520,7 +520,7 @@ async def test_serve_until_end_on_free_ports():
 
 
 def test_simulate_truth_command():
-    out = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", str(DEMO_PATH), "--truth"],
+    out = subprocess.run([sys.executable, "-m", "energy_agent", "simulate", str(DEMO_PATH), "--truth"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == scn.truth(DEMO)
@@ -533,7 +533,7 @@ async def test_simulate_command_serves_on_the_scaled_clock(tmp_path):
     path.write_text(yaml.safe_dump(data))
     anchor = datetime.fromtimestamp(time.time(), timezone.utc)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "simulate", str(path), "--modbus-port", "0", "--opcua-port", "0",
+        [sys.executable, "-m", "energy_agent", "simulate", str(path), "--modbus-port", "0", "--opcua-port", "0",
          "--modbus-framer", "rtu-over-tcp", "--anchor", anchor.isoformat()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
     try:

@@ -8,7 +8,7 @@ killed after sending) is harmless: its record id and its InfluxDB point are the 
 A PUBACK only says the broker has the record. A broker that loses its store (a restart with
 fresh persistence, a disk swap) loses what it held for an offline bridge. With
 ``confirm_by`` the agent therefore waits for the bridges' own confirmations (published after
-their store accepted the point, see ``agent.bridge``): a record sent but not confirmed within
+their store accepted the point, see ``energy_agent.bridge.bridge``): a record sent but not confirmed within
 ``resend_after_s`` is published again, and all of them at once when the broker comes back
 without our session (its store is new).
 """
@@ -21,10 +21,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from agent.clock import wait_any
-from agent.errors import DeliveryError
-from agent.ledger import Ledger
-from agent.mqtt import MqttClient
+from energy_agent.core.clock import wait_any
+from energy_agent.core.errors import DeliveryError
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.records.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from agent.config import Loaded
-from agent.errors import ConfigError, DeviceError
-from drivers import codec
-from drivers.profile import METER_QUANTITIES, MeterProfile, plan_blocks
+from energy_agent.app.config import Loaded
+from energy_agent.core.errors import ConfigError, DeviceError
+from energy_agent.drivers import codec
+from energy_agent.drivers.profile import METER_QUANTITIES, MeterProfile, plan_blocks
 
 RANGES = {
     "voltage": (50.0, 1000.0),
@@ -77,7 +77,7 @@ def check_point(q: str, regs: list[int], profile: MeterProfile) -> tuple[float, 
 
 
 async def probe_meter(loaded: Loaded, device_id: str) -> ProbeResult:
-    from drivers.modbus import ModbusBus
+    from energy_agent.drivers.modbus import ModbusBus
 
     dev = loaded.config.meter(device_id)
     profile = loaded.profiles[device_id]
@@ -107,7 +107,7 @@ async def probe_meter(loaded: Loaded, device_id: str) -> ProbeResult:
 async def probe_cnc(loaded: Loaded, device_id: str) -> ProbeResult:
     from asyncua import Client, ua
 
-    from drivers.opcua import configure_security, resolve_node_id
+    from energy_agent.drivers.opcua import configure_security, resolve_node_id
 
     dev = loaded.config.cnc(device_id)
     nodemap = loaded.nodemaps[device_id]

@@ -33,9 +33,9 @@ from typing import Any
 
 from influxdb_client import Point, WritePrecision
 
-from agent import states
-from agent.errors import DeliveryError, RecordError
-from agent.record import SCHEMA
+from energy_agent.core import states
+from energy_agent.core.errors import DeliveryError, RecordError
+from energy_agent.records.record import SCHEMA
 
 TAGS = ("site", "agent", "machine", "program", "product", "subassembly", "serial")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

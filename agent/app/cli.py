@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
-from agent.errors import AgentError, ConfigError
+from energy_agent import __version__
+from energy_agent.core.errors import AgentError, ConfigError
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -43,7 +43,7 @@ def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
 
 
 def _load(path: str):
-    from agent import config
+    from energy_agent.app import config
 
     loaded = config.load(path)
     return loaded
@@ -52,7 +52,7 @@ def _load(path: str):
 def cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     _setup_logging(args.log_level or loaded.config.log_level)
-    from agent.runtime import Agent
+    from energy_agent.app.runtime import Agent
 
     agent = Agent(loaded)
     agent.stats_interval_s = args.stats_interval
@@ -67,9 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bridge(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     _setup_logging(args.log_level or loaded.config.log_level)
-    from agent.bridge import run_bridge
+    from energy_agent.bridge.bridge import run_bridge
 
-    return _serve(lambda stop: run_bridge(loaded, stop))
+    settings = loaded.bridge_settings()
+    return _serve(lambda stop: run_bridge(settings, stop))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -81,7 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from agent.config import json_schema
+    from energy_agent.app.config import json_schema
 
     json.dump(json_schema(), sys.stdout, indent=2)
     print()
@@ -109,8 +110,8 @@ def print_table(rows: list[dict], columns: tuple[str, ...] | list[str], out=None
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from agent import record
-    from agent.ledger import Ledger
+    from energy_agent.records import record
+    from energy_agent.records.ledger import Ledger
 
     loaded = _load(args.config)
     cfg = loaded.config
@@ -142,8 +143,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from agent.ledger import Ledger
-    from agent.record import verify_chain
+    from energy_agent.records.ledger import Ledger
+    from energy_agent.records.record import verify_chain
 
     loaded = _load(args.config)
     cfg = loaded.config
@@ -162,14 +163,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else EXIT_FAILURE
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from agent.replay import command
+def _since(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"--since: {text!r} is not an ISO 8601 date or time") from exc
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
-    return command(args)
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``energy-agent replay``: 0 when every replayed job is identical, 1 otherwise."""
+    from energy_agent.records import record
+    from energy_agent.records.ledger import Ledger
+    from energy_agent.records.replay import replay, summary
+
+    loaded = _load(args.config)
+    cfg = loaded.config
+    ledger_path = cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path
+    folder = cfg.archive.folder(cfg.ledger.path, loaded.base)
+    if not ledger_path.exists():
+        raise ConfigError(f"ledger.path: {ledger_path} does not exist (has the agent run?)")
+    if not folder.is_dir():
+        raise ConfigError(f"archive.path: {folder} does not exist (has the agent run with the archive on?)")
+    since = _since(args.since)
+    ledger = Ledger(ledger_path)
+    try:
+        recs = ledger.records(machine=args.machine, since=None if since is None else record.iso(since))
+    finally:
+        ledger.close_sync()
+    show = args.progress or sys.stderr.isatty()
+    rep = replay(folder, recs, machine=args.machine, since=since, progress=sys.stderr if show else None)
+    summary(rep, sys.stdout)
+    return 0 if rep.ok else 1
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from agent.probe import probe
+    from energy_agent.app.probe import probe
 
     loaded = _load(args.config)
     res = asyncio.run(probe(loaded, args.device))
@@ -185,39 +216,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from agent import certs
+    from energy_agent.app import certs
 
     return certs.run(args)
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from agent import aot
+    import time
 
-    path = aot.module_path()
-    if args.action == "build":
-        try:
-            path = aot.build()
-        except Exception as exc:  # compiler or headers missing, directory not writable
-            raise AgentError(f"could not build the ahead-of-time kernel into {aot.AOT_DIR}: {exc} "
-                             "(it needs gcc and the Python headers, e.g. apt-get install gcc python3-dev)") from exc
-        print(f"built {path}")
-        return 0
-    if path.is_file():
-        print(f"ahead-of-time kernel present for the current source: {path}")
-        return 0
-    print(aot.describe_missing() + "; the agent will use numba's JIT (about 100 MB more memory)")
-    return EXIT_FAILURE
+    from energy_agent.domain import energy
+
+    started = time.perf_counter()
+    energy.warm_up()
+    energy.warm_up_batch()
+    print(f"kernels compiled into numba's cache (or loaded from it) in {time.perf_counter() - started:.1f} s")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulators import serve
+    from energy_agent.simulators import serve
 
     _setup_logging(args.log_level or "INFO")
     return asyncio.run(serve.run(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from simulators import demo
+    from energy_agent.app import demo
 
     _setup_logging(args.log_level or "WARNING")
     return demo.main(args)
@@ -273,17 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_probe)
 
     s = sub.add_parser("certs", help="create a self-signed OPC UA client certificate and key")
-    from agent import certs
+    from energy_agent.app import certs
 
     certs.add_arguments(s)
     s.set_defaults(func=cmd_certs)
 
-    s = sub.add_parser("kernels", help="build or check the ahead-of-time compiled job kernel")
-    s.add_argument("action", choices=["build", "status"])
+    s = sub.add_parser("kernels", help="compile the energy kernels into numba's cache (done by make at install)")
+    s.add_argument("action", choices=["build"], help="build: compile every kernel now, so the agent only loads them")
     s.set_defaults(func=cmd_kernels)
 
     s = sub.add_parser("simulate", help="serve simulated meters and CNCs for a scenario")
-    from simulators import serve
+    from energy_agent.simulators import serve
 
     serve.add_arguments(s)
     s.set_defaults(func=cmd_simulate)

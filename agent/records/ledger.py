@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent.errors import DuplicateRecord, RecordError
-from agent.record import GENESIS, canonical_json
+from energy_agent.core.errors import DuplicateRecord, RecordError
+from energy_agent.records.record import GENESIS, canonical_json
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS records (

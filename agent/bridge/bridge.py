@@ -22,7 +22,7 @@ one of them. They write the same store and confirm under one ``confirm_as`` name
 
 Messages arriving within ``batch_window_s`` of each other (up to ``batch_max``) go to
 InfluxDB in one write, as line protocol built straight from the record
-(:func:`agent.influx.record_to_line`, the same bytes a Point would write). The next batch is
+(:func:`energy_agent.bridge.influx.record_to_line`, the same bytes a Point would write). The next batch is
 decoded while the last one is being written; writes, and the acknowledgements after them, stay
 one batch at a time.
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -42,13 +41,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent.clock import sleep_or_stop
-from agent.config import Config, Loaded
-from agent.errors import ConfigError, DeliveryError, RecordError
-from agent.influx import InfluxWriter, WriteRejected, record_to_line
-from agent.mqtt import Message, client_from_config
-from agent.publish import confirm_topic
-from agent.record import canonical_json
+from energy_agent.bridge.config import BridgeSettings
+from energy_agent.bridge.influx import InfluxWriter, WriteRejected, record_to_line
+from energy_agent.core.clock import sleep_or_stop
+from energy_agent.core.errors import ConfigError, DeliveryError, RecordError
+from energy_agent.delivery.mqtt import Message, client_from_config
+from energy_agent.delivery.outbox import confirm_topic
+from energy_agent.records.record import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -58,62 +57,34 @@ SWITCH_INTERVAL_S = 0.0005
 """sys.setswitchinterval of the bridge process (see run_bridge)."""
 RETRY_MIN_S = 0.25
 RETRY_MAX_S = 30.0
-DEAD_LETTER_NAME = "bridge-dead-letter.jsonl"
-
-
-def default_dead_letter_path(loaded: Loaded) -> Path:
-    """``$STATE_DIRECTORY`` (systemd's StateDirectory=) if set, else next to the ledger."""
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    if state:
-        return Path(state) / DEAD_LETTER_NAME
-    ledger = loaded.config.ledger.path
-    if not ledger.is_absolute():
-        ledger = loaded.base / ledger
-    return ledger.parent / DEAD_LETTER_NAME
-
-
-def default_client_id(cfg) -> str:
-    """influx.client_id, else one per site and target store: two bridges writing to different
-    stores must not share a session (the broker would keep disconnecting one of them)."""
-    if cfg.influx.client_id:
-        return cfg.influx.client_id
-    target = f"{cfg.influx.url}|{cfg.influx.database or ''}|{cfg.influx.org or ''}|{cfg.influx.bucket or ''}"
-    return f"energy-bridge-{cfg.site}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, slots=True)
 class Converted:
     line: bytes
-    """The record's point in line protocol (agent.influx.record_to_line)."""
+    """The record's point in line protocol (energy_agent.bridge.influx.record_to_line)."""
     record_id: str
     confirm_topic: str
     """Where this record's confirmation goes: <prefix>/<site>/<agent>/confirm."""
 
 
 class Bridge:
-    def __init__(self, loaded: Loaded | Config, *, dead_letter_path: Path | str | None = None,
+    def __init__(self, settings: BridgeSettings, *, dead_letter_path: Path | str | None = None,
                  batch_max: int = BATCH_MAX, batch_window_s: float = BATCH_WINDOW_S,
                  retry_min_s: float = RETRY_MIN_S, retry_max_s: float = RETRY_MAX_S):
-        if isinstance(loaded, Config):
-            loaded = Loaded(loaded, Path("."))
-        cfg = loaded.config
-        missing = [name for name in ("mqtt", "influx") if getattr(cfg, name) is None]
-        if missing:
-            raise ConfigError(f"{' and '.join(missing)}: the bridge needs the {' and '.join(missing)} "
-                              f"section{'s' if len(missing) > 1 else ''} in the config")
-        self.cfg = cfg
-        self.influx_cfg = cfg.influx
-        self.dead_letter_path = Path(dead_letter_path) if dead_letter_path else default_dead_letter_path(loaded)
+        self.settings = settings
+        self.influx_cfg = settings.influx
+        self.dead_letter_path = Path(dead_letter_path) if dead_letter_path else settings.dead_letter_path()
         self.batch_max = max(1, batch_max)
         self.batch_window_s = batch_window_s
         self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
-        self.client_id = default_client_id(cfg)
-        self.client = client_from_config(cfg.mqtt, loaded.base, client_id=self.client_id, manual_ack=True,
+        self.client_id = settings.client_id()
+        self.client = client_from_config(settings.mqtt, settings.base, client_id=self.client_id, manual_ack=True,
                                          clean_start=False, receive_maximum=2 * self.batch_max)
-        self.writer = InfluxWriter.from_config(cfg.influx)
+        self.writer = InfluxWriter.from_config(settings.influx)
         self.written = 0
         """Points InfluxDB accepted (replays and redeliveries count again)."""
-        self.confirm_as = cfg.influx.confirm_as
+        self.confirm_as = settings.influx.confirm_as
         self.confirmations = 0
         """Record ids confirmed to their agents."""
         self.dead: Counter[str] = Counter()
@@ -347,7 +318,8 @@ class Bridge:
                      ", ".join(f"{k} {n}" for k, n in sorted(self.dead.items())) or "none")
 
 
-async def run_bridge(loaded: Loaded, stop: asyncio.Event, *, dead_letter_path: Path | str | None = None) -> int:
+async def run_bridge(settings: BridgeSettings, stop: asyncio.Event, *,
+                     dead_letter_path: Path | str | None = None) -> int:
     """Entry point of ``energy-agent bridge -c plant.yaml``: run until ``stop`` is set.
 
     The process is the bridge's alone, so it may shorten the interpreter's thread switch
@@ -357,5 +329,5 @@ async def run_bridge(loaded: Loaded, stop: asyncio.Event, *, dead_letter_path: P
     and left the bridge waiting for its writes.
     """
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    await Bridge(loaded, dead_letter_path=dead_letter_path).run(stop)
+    await Bridge(settings, dead_letter_path=dead_letter_path).run(stop)
     return 0

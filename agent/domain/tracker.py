@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from agent import archive, states
-from agent.energy import JobEnergy, compute_job
-from drivers.profile import NodeMap
-from drivers.reading import Reading
+from energy_agent.core import states
+from energy_agent.core.reading import Reading
+from energy_agent.core.states import MachineRules
+from energy_agent.domain.energy import JobEnergy, JobInputs, capture, compute_job
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class FinishedJob:
     bad_samples: int
     median_interval_s: float | None
     flags: tuple[str, ...]
-    inputs: archive.JobInputs | None = None
+    inputs: JobInputs | None = None
     """What the energy kernel received, for the raw-sample archive (None: not captured)."""
 
 
@@ -89,13 +89,13 @@ def _text(v: Any) -> str | None:
 
 
 class MachineTracker:
-    def __init__(self, machine_id: str, nodemap: NodeMap, *, programs: dict[str, Any] | None = None,
+    def __init__(self, machine_id: str, rules: MachineRules, *, programs: dict[str, Any] | None = None,
                  standby_below_w: float | None = None, off_below_w: float | None = None,
                  max_gap_s: float, close_timeout_s: float, rollover_kwh: float = 0.0,
                  max_power_w: float = 0.0, lookback_s: float | None = None,
                  on_finished: Callable[[FinishedJob], None], on_ending: Callable[[], None] | None = None):
         self.machine = machine_id
-        self.nodemap = nodemap
+        self.rules = rules
         self.programs = programs or {}
         self.standby_below_w = standby_below_w
         self.off_below_w = off_below_w
@@ -111,7 +111,10 @@ class MachineTracker:
         """Called when a job has ended and waits for a meter sample after its end: the agent
         reads the meter at once instead of waiting up to a poll interval for its next tick."""
 
-        from agent.samples import SampleBuffer, StateTimeline  # local: keeps import order simple
+        from energy_agent.domain.samples import (  # local: keeps import order simple
+            SampleBuffer,
+            StateTimeline,
+        )
 
         self.samples = SampleBuffer()
         self.timeline = StateTimeline()
@@ -217,14 +220,14 @@ class MachineTracker:
             return
         self.cnc_ok = True
         self.cnc_values = dict(r.values)
-        self.cnc_state = self.nodemap.state_of(self.cnc_values)
+        self.cnc_state = self.rules.state_of(self.cnc_values)
         self._update_state(r.t)
         self._track_job(r.t, r.wall, self.cnc_values, self.cnc_state, not self.seen_cnc)
         self.seen_cnc = True
         self._finish_due(r.t)
 
     def _job_key(self, values: dict[str, Any]) -> tuple[str | None, str]:
-        for point in self.nodemap.job.key:
+        for point in self.rules.job.key:
             k = _text(values.get(point))
             if k:
                 return k, point
@@ -239,7 +242,7 @@ class MachineTracker:
             return None
 
     def _track_job(self, t: float, wall: float, values: dict[str, Any], state: str, first: bool) -> None:
-        rule = self.nodemap.job
+        rule = self.rules.job
         key, point = self._job_key(values)
         active = state in rule.active_states
         parts = self._parts(values)
@@ -354,7 +357,7 @@ class MachineTracker:
             flags.add("estimated_energy")
         if energy.coverage < 1.0:
             flags.add("incomplete_coverage")
-        inputs = archive.capture(t, en, p, st_t, st_s, e.info.start, e.end, self.max_gap_s, self.rollover_kwh,
+        inputs = capture(t, en, p, st_t, st_s, e.info.start, e.end, self.max_gap_s, self.rollover_kwh,
                                  self.max_power_w, self.bad_times, e.info.flags)
         return FinishedJob(self.machine, e.info, e.end, e.end_wall, e.reason, e.parts, energy,
                            int(hi - lo), bad, median, tuple(sorted(flags)), inputs)

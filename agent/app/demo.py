@@ -1,7 +1,7 @@
 """``energy-agent demo``: a simulated plant end to end, the per-job table read back from InfluxDB.
 
 Starts a private Mosquitto and InfluxDB 1.x on free loopback ports, the simulators, the agent
-and the bridge as separate processes (:class:`simulators.plant.PlantRun`), waits for the
+and the bridge as separate processes (:class:`energy_agent.simulators.plant.PlantRun`), waits for the
 scenario, reads every job's point back from InfluxDB, prints it beside the simulator's
 closed-form truth and stops everything it started. Exit 0 only when every job landed once and
 within tolerance and the ledger's hash chains verify.
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.cli import print_table
-from agent.ledger import Ledger
-from agent.record import verify_chain
-from drivers.profile import load_profile
-from simulators.plant import DEMO_SCENARIO, PlantRun
-from simulators.services import InfluxDB1, Mosquitto
+from energy_agent.app.cli import print_table
+from energy_agent.drivers.profile import load_profile
+from energy_agent.records.ledger import Ledger
+from energy_agent.records.record import verify_chain
+from energy_agent.simulators.plant import DEMO_SCENARIO, PlantRun
+from energy_agent.simulators.services import InfluxDB1, Mosquitto
 
 STATE_ABBR = {"setup": "setup", "processing": "proc", "interrupted": "intr", "ready": "ready", "standby": "stby", "off": "off"}
 
@@ -75,9 +75,9 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     print(f"demo: working in {workdir}")
     print("demo: compiling / loading the energy kernels ...", flush=True)
-    from agent import energy
+    from energy_agent.domain import energy
 
-    energy.warm_up()  # the ahead-of-time build, or fills the JIT cache the agent process loads from
+    energy.warm_up()  # fills numba's cache, which the agent process then loads from
     broker, influx = Mosquitto(), InfluxDB1()
     try:
         broker.start(workdir / "mosquitto")

@@ -1,11 +1,11 @@
 """``energy-agent replay``: recompute every archived job and compare it with the ledger.
 
-For each frame of the raw-sample archive (``agent.archive``) the job's energy is computed
-again by ``agent.energy.compute_job``, the function the tracker calls, from exactly the inputs
+For each frame of the raw-sample archive (``energy_agent.records.archive``) the job's energy is computed
+again by ``energy_agent.domain.energy.compute_job``, the function the tracker calls, from exactly the inputs
 it received then. Two comparisons follow, both exact (a float equals only the same float):
 
 - with the frame's own result, field by field of ``JobEnergy`` (the kernel's full precision);
-- with the ledger's record: the record is built again by ``agent.record.build`` from the
+- with the ledger's record: the record is built again by ``energy_agent.records.record.build`` from the
   recomputed energy, the frame's window and samples (duration, sample count, bad samples,
   median interval, flags) and the ledger record's identity (site, agent, seq, emission factor,
   meter, CNC, provenance), and every field is compared as canonical JSON, so two numbers are
@@ -19,20 +19,18 @@ frame (the archive was off or its disk failed) and torn or corrupt frames.
 from __future__ import annotations
 
 import struct
-import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TextIO
 
 import numpy as np
 
-from agent import archive, record
-from agent.energy import JobEnergy, compute_job
-from agent.errors import ConfigError
-from agent.machine import FinishedJob, JobInfo
+from energy_agent.domain.energy import JobEnergy, compute_job
+from energy_agent.domain.tracker import FinishedJob, JobInfo
+from energy_agent.records import archive, record
 
 MISSING = "(missing)"
 
@@ -141,7 +139,7 @@ def _day(s: str | None) -> date | None:
 
 
 def rebuild(frame: archive.Frame, rec: dict, energy: JobEnergy) -> dict:
-    """The record ``agent.record.build`` makes of the replayed job, with the ledger record's
+    """The record ``energy_agent.records.record.build`` makes of the replayed job, with the ledger record's
     identity, chain position and provenance."""
     f = rec["emissions"]["factor"]
     factor = SimpleNamespace(**{**f, "valid_from": _day(f.get("valid_from")), "valid_to": _day(f.get("valid_to"))})
@@ -290,38 +288,3 @@ def summary(rep: Report, out: TextIO, limit: int = 50) -> None:
               f"{len(rep.without_record)} frames without a record, {len(rep.without_frame)} records without a frame, "
               f"{torn} torn and {len(rep.problems) - torn} unreadable frames; "
               f"{rep.samples} samples in {rep.seconds:.2f} s{rate}\n")
-
-
-def _since(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"--since: {text!r} is not an ISO 8601 date or time") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def command(args: Any) -> int:
-    """``energy-agent replay``: 0 when every replayed job is identical, 1 otherwise."""
-    from agent import config
-    from agent.ledger import Ledger
-
-    loaded = config.load(args.config)
-    cfg = loaded.config
-    ledger_path = cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path
-    folder = cfg.archive.folder(cfg.ledger.path, loaded.base)
-    if not ledger_path.exists():
-        raise ConfigError(f"ledger.path: {ledger_path} does not exist (has the agent run?)")
-    if not folder.is_dir():
-        raise ConfigError(f"archive.path: {folder} does not exist (has the agent run with the archive on?)")
-    since = _since(args.since)
-    ledger = Ledger(ledger_path)
-    try:
-        recs = ledger.records(machine=args.machine, since=None if since is None else record.iso(since))
-    finally:
-        ledger.close_sync()
-    show = args.progress or sys.stderr.isatty()
-    rep = replay(folder, recs, machine=args.machine, since=since, progress=sys.stderr if show else None)
-    summary(rep, sys.stdout)
-    return 0 if rep.ok else 1

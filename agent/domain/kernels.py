@@ -1,9 +1,9 @@
-"""The numba kernels behind ``agent.energy`` (method, weights and runs: see its docstring).
+"""The numba kernels behind ``energy_agent.domain.energy`` (method, weights and runs: see its docstring).
 
 ``job_energy`` is the per-job kernel the agent runs for every finished job; ``job_energy_batch``
 and ``job_energy_batch_parallel`` compute many windows of one machine (a replay) with the same
 code (``_window``), bit-identical per window. This module is the only one that imports numba:
-the agent itself runs ``job_energy`` compiled ahead of time from this source (``agent.aot``)
+the agent itself runs ``job_energy`` compiled ahead of time from this source (``energy_agent.domain.aot``)
 when that build is present, so a gateway does not carry LLVM in memory.
 """
 
@@ -17,10 +17,21 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from agent.energy import (NQ, Q_COUNTER_KWH, Q_COUNTER_S, Q_COVERED_S, Q_GAPS, Q_JUMPS, Q_LONGEST_GAP_S,
-                          Q_POWER_KWH, Q_POWER_S, Q_RESETS, Q_ROLLOVERS, Q_WINDOW_S)
-from agent.states import N_STATES
-
+from energy_agent.core.states import N_STATES
+from energy_agent.domain.energy import (
+    NQ,
+    Q_COUNTER_KWH,
+    Q_COUNTER_S,
+    Q_COVERED_S,
+    Q_GAPS,
+    Q_JUMPS,
+    Q_LONGEST_GAP_S,
+    Q_POWER_KWH,
+    Q_POWER_S,
+    Q_RESETS,
+    Q_ROLLOVERS,
+    Q_WINDOW_S,
+)
 
 # No fast-math at all. Never 'nnan' or 'ninf': NaN marks an invalid reading and must survive
 # np.isfinite checks. And no 'reassoc', 'contract' or 'arcp' either: with them LLVM may round

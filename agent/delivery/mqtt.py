@@ -45,7 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import DeliveryError
+from energy_agent.core.errors import DeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ def check_paho() -> None:
     """Refuse to start on a paho whose internals _Client relies on have changed (once per process)."""
     diff = paho_differences()
     if diff:
-        raise DeliveryError(f"paho-mqtt {importlib.metadata.version('paho-mqtt')} differs from what agent.mqtt "
+        raise DeliveryError(f"paho-mqtt {importlib.metadata.version('paho-mqtt')} differs from what energy_agent.delivery.mqtt "
                             f"relies on: {'; '.join(diff)}. Install paho-mqtt=={PAHO_TESTED} or review "
-                            "agent.mqtt._Client against the new version and update PAHO_INTERNALS")
+                            "energy_agent.delivery.mqtt._Client against the new version and update PAHO_INTERNALS")
 
 
 _PUBACK_OK = {0x00: ReasonCode(PacketTypes.PUBACK, identifier=0x00),  # success
@@ -771,7 +771,7 @@ def _probe(host: str, port: int) -> str:
 
 
 def client_from_config(cfg, base, *, client_id: str, **kw) -> MqttClient:
-    """An MqttClient for ``agent.config.MqttConfig``: TLS files relative to the config's
+    """An MqttClient for ``energy_agent.app.config.MqttConfig``: TLS files relative to the config's
     directory, the password from its environment variable or file (never from the YAML)."""
 
     def path(p):

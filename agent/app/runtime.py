@@ -18,16 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import energy, record
-from agent.archive import ArchiveWriter
-from agent.clock import Clock, sleep_or_stop
-from agent.config import Loaded
-from agent.errors import AgentError, DuplicateRecord
-from agent.ledger import Ledger
-from agent.machine import FinishedJob, MachineTracker
-from drivers.modbus import MeterDriver, ModbusBus
-from drivers.opcua import CncDriver
-from drivers.reading import Availability
+from energy_agent.app.config import Loaded
+from energy_agent.core.clock import Clock, sleep_or_stop
+from energy_agent.core.errors import AgentError, DuplicateRecord
+from energy_agent.core.reading import Availability
+from energy_agent.domain import energy
+from energy_agent.domain.tracker import FinishedJob, MachineTracker
+from energy_agent.drivers.modbus import MeterDriver, ModbusBus
+from energy_agent.drivers.opcua import CncDriver
+from energy_agent.records import record
+from energy_agent.records.archive import ArchiveWriter
+from energy_agent.records.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Agent:
             profile = loaded.profiles[meter.id]
             nodemap = loaded.nodemaps[m.cnc]
             tracker = MachineTracker(
-                m.id, nodemap, programs=dict(m.programs),
+                m.id, nodemap.rules, programs=dict(m.programs),
                 standby_below_w=m.standby_below_w, off_below_w=m.off_below_w,
                 max_gap_s=m.max_gap_s or 5 * meter.poll_interval_s,
                 close_timeout_s=m.close_timeout_s or 10 * meter.poll_interval_s,
@@ -410,20 +411,20 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        kind = await loop.run_in_executor(None, energy.warm_up)
-        log.info("kernels ready in %.2f s (%s)", time.monotonic() - t0, kind)
-        if kind != "ahead-of-time build":
-            from agent import aot
-
-            log.warning("job kernel from numba's JIT, about 100 MB more memory: %s", aot.describe_missing())
+        await loop.run_in_executor(None, energy.warm_up)
+        log.info("kernels ready in %.2f s", time.monotonic() - t0)
         await self.ledger.open()
         await self._restore()
         self._stop = stop
         self.archive = ArchiveWriter.for_config(self.loaded)  # None when the archive is off
         if self.cfg.mqtt is not None:
-            from agent.mqtt import client_from_config
-            from agent.publish import Publisher
-            from agent.status import Status, offline_payload, status_topic
+            from energy_agent.delivery.mqtt import client_from_config
+            from energy_agent.delivery.outbox import Publisher
+            from energy_agent.delivery.status import (
+                Status,
+                offline_payload,
+                status_topic,
+            )
 
             m, site, agent_id = self.cfg.mqtt, self.cfg.site, self.cfg.agent_id
             will = (status_topic(m.topic_prefix, site, agent_id), offline_payload(), 1, True) if m.status else None

@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.energy import JobEnergy
+from energy_agent.domain.energy import JobEnergy, JobInputs
 
 log = logging.getLogger(__name__)
 
@@ -50,51 +50,6 @@ MAX_TEXT = 0xFFFF
 
 
 # ------------------------------------------------------------------------------ frames
-
-
-@dataclass(frozen=True, eq=False)  # arrays: equal means the same object
-class JobInputs:
-    """What ``compute_job`` received for one job, copied out of the tracker's buffers."""
-
-    t: np.ndarray
-    e: np.ndarray
-    p: np.ndarray
-    st_t: np.ndarray
-    st_s: np.ndarray
-    t0: float
-    t1: float
-    max_gap_s: float
-    rollover_kwh: float
-    max_power_w: float
-    bad_t: np.ndarray
-    """Times of failed or bad meter reads inside the window (the record's ``bad_samples``)."""
-    flags: tuple[str, ...]
-    """The job's own flags, before the energy adds ``estimated_energy``/``incomplete_coverage``."""
-
-    def args(self) -> tuple:
-        """The positional arguments of ``compute_job``."""
-        return (self.t, self.e, self.p, self.st_t, self.st_s, self.t0, self.t1, self.max_gap_s,
-                self.rollover_kwh, self.max_power_w)
-
-
-_capture_failed = False
-
-
-def capture(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w,
-            bad_times: Iterable[float], flags: Iterable[str]) -> JobInputs | None:
-    """Copy the kernel's inputs (the tracker's buffers are reused); None if that fails, which
-    is logged once and leaves the job and its record untouched."""
-    global _capture_failed
-    try:
-        bad = np.array([b for b in bad_times if t0 <= b <= t1], np.float64)
-        return JobInputs(np.array(t, np.float64), np.array(e, np.float64), np.array(p, np.float64),
-                         np.array(st_t, np.float64), np.array(st_s, np.uint8), float(t0), float(t1),
-                         float(max_gap_s), float(rollover_kwh), float(max_power_w), bad, tuple(sorted(flags)))
-    except Exception as exc:  # noqa: BLE001 - the archive must never cost a record
-        if not _capture_failed:
-            log.error("archive: cannot copy a job's samples (%s); its record is stored, its frame is not", exc)
-            _capture_failed = True
-        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -330,7 +285,7 @@ class ArchiveWriter:
         return cls(a.folder(loaded.config.ledger.path, loaded.base)) if a.enabled else None
 
     def submit(self, record_id: str, job: Any) -> None:
-        """Queue the frame of ``job`` (an ``agent.machine.FinishedJob``) stored as ``record_id``."""
+        """Queue the frame of ``job`` (an ``energy_agent.domain.tracker.FinishedJob``) stored as ``record_id``."""
         try:
             self._pool.submit(self._write, record_id, job)
         except RuntimeError:  # shut down: the agent is stopping

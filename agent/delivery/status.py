@@ -16,10 +16,10 @@ import asyncio
 import logging
 from datetime import datetime, timezone
 
-from agent.clock import wait_any
-from agent.errors import DeliveryError
-from agent.mqtt import MqttClient
-from agent.record import canonical_json
+from energy_agent.core.clock import wait_any
+from energy_agent.core.errors import DeliveryError
+from energy_agent.delivery.mqtt import MqttClient
+from energy_agent.records.record import canonical_json
 
 log = logging.getLogger(__name__)
 

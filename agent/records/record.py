@@ -18,8 +18,9 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from agent import __version__, states
-from agent.errors import RecordError
+from energy_agent import __version__
+from energy_agent.core import states
+from energy_agent.core.errors import RecordError
 
 SCHEMA = "energy-agent.job-record/1"
 GENESIS = "0" * 64
@@ -126,7 +127,7 @@ def _date(d: date | None) -> str | None:
 
 def build(*, site: str, agent: str, seq: int, prev_hash: str, job: Any, factor_id: str, factor: Any,
           meter: Any, profile: str, cnc: Any | None, config_hash: str) -> dict:
-    """Build and hash the record of a finished job (``agent.machine.FinishedJob``)."""
+    """Build and hash the record of a finished job (``energy_agent.domain.tracker.FinishedJob``)."""
     info, en = job.info, job.energy
     start, end = iso(info.start_wall), iso(job.end_wall)
     kwh = _r(en.kwh)

@@ -33,21 +33,23 @@ and the state timeline is walked with a pointer that only moves forward.
 ``compute_job`` validates inputs and wraps the result; ``compute_jobs`` / ``energy_batch`` do
 the same for many windows of one machine at once (a replay), with ``job_energy_batch`` and its
 ``prange`` twin, bit-identical to ``job_energy`` per window. The kernels themselves live in
-``agent.kernels``; ``compute_job`` runs ``job_energy`` compiled ahead of time when that build
-exists (``agent.aot``: no numba in the process), else numba's JIT. ``warm_up`` loads the one
-``compute_job`` uses and ``warm_up_batch`` the batch kernels, so no poll waits for a compiler.
+``energy_agent.domain.kernels`` (plain ``@njit(cache=True)``, compiled once and then loaded from
+numba's cache). ``warm_up`` loads the one ``compute_job`` uses and ``warm_up_batch`` the batch
+kernels; the agent calls ``warm_up`` in a worker thread, so no poll waits for a compiler.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from agent.states import N_STATES
+from energy_agent.core.states import N_STATES
+
+log = logging.getLogger(__name__)
 
 # Quality vector indices (q).
 Q_COVERED_S = 0  # seconds of the window covered by counter deltas or power integration
@@ -67,7 +69,7 @@ NQ = 11
 @dataclass(frozen=True)
 class JobEnergy:
     kwh_by_state: tuple[float, ...]
-    """kWh per operating state; the index is the state code (``agent.states.STATES``)."""
+    """kWh per operating state; the index is the state code (``energy_agent.core.states.STATES``)."""
     kwh: float
     estimated_kwh: float
     """Part of ``kwh`` from power integration rather than counter deltas."""
@@ -80,6 +82,54 @@ class JobEnergy:
     counter_resets: int
     counter_rollovers: int
     counter_jumps: int
+
+
+@dataclass(frozen=True, eq=False)  # arrays: equal means the same object
+class JobInputs:
+    """What ``compute_job`` received for one job, copied out of the tracker's buffers (the raw-sample
+    archive keeps it, so that a replay can recompute the record)."""
+
+    t: np.ndarray
+    e: np.ndarray
+    p: np.ndarray
+    st_t: np.ndarray
+    st_s: np.ndarray
+    t0: float
+    t1: float
+    max_gap_s: float
+    rollover_kwh: float
+    max_power_w: float
+    bad_t: np.ndarray
+    """Times of failed or bad meter reads inside the window (the record's ``bad_samples``)."""
+    flags: tuple[str, ...]
+    """The job's own flags, before the energy adds ``estimated_energy``/``incomplete_coverage``."""
+
+    def args(self) -> tuple:
+        """The positional arguments of ``compute_job``."""
+        return (self.t, self.e, self.p, self.st_t, self.st_s, self.t0, self.t1, self.max_gap_s,
+                self.rollover_kwh, self.max_power_w)
+
+
+_capture_failed = False
+
+
+def capture(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w,
+            bad_times: Iterable[float], flags: Iterable[str]) -> JobInputs | None:
+    """Copy the kernel's inputs (the tracker's buffers are reused); None if that fails, which
+    is logged once and leaves the job and its record untouched."""
+    global _capture_failed
+    try:
+        bad = np.array([b for b in bad_times if t0 <= b <= t1], np.float64)
+        return JobInputs(np.array(t, np.float64), np.array(e, np.float64), np.array(p, np.float64),
+                         np.array(st_t, np.float64), np.array(st_s, np.uint8), float(t0), float(t1),
+                         float(max_gap_s), float(rollover_kwh), float(max_power_w), bad, tuple(sorted(flags)))
+    except (ValueError, TypeError, MemoryError) as exc:  # the archive must never cost a record
+        if not _capture_failed:
+            log.error("cannot copy a job's kernel inputs for the archive (%s); its record is kept, its "
+                      "archive frame is not", exc)
+            _capture_failed = True
+        return None
+
 
 
 def _column(name: str, x, dtype) -> np.ndarray:
@@ -107,7 +157,9 @@ def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_po
     if t1 < t0:
         raise ValueError(f"job window ends before it starts: t0={t0!r} > t1={t1!r}")
     limits = _limits(max_gap_s, rollover_kwh, max_power_w)
-    return _summary(*live_kernel()(t, e, p, st_t, st_s, t0, t1, *limits))
+    from energy_agent.domain.kernels import job_energy
+
+    return _summary(*job_energy(t, e, p, st_t, st_s, t0, t1, *limits))
 
 
 def compute_jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0, *,
@@ -139,7 +191,7 @@ def energy_batch(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_p
         raise ValueError(f"job window {k} ends before it starts: t0={t0[k]!r} > t1={t1[k]!r}")
     limits = _limits(max_gap_s, rollover_kwh, max_power_w)
     kwh, est, q = np.zeros((len(t0), N_STATES)), np.zeros((len(t0), N_STATES)), np.zeros((len(t0), NQ))
-    from agent import kernels
+    from energy_agent.domain import kernels
 
     if parallel:
         chunks = batch_chunks(t, t0, t1, kernels.numba.get_num_threads())
@@ -216,40 +268,16 @@ def _summary(kwh: np.ndarray, est: np.ndarray, q: np.ndarray) -> JobEnergy:
     )
 
 
-def live_kernel() -> Callable:
-    """The per-job kernel ``compute_job`` runs: ``kernels.job_energy`` compiled ahead of time
-    from the current source (``agent.aot``) when that build is present, else numba's JIT of the
-    same function. ``ENERGY_AGENT_KERNEL`` = ``auto`` (default), ``aot`` (the build must be
-    present) or ``jit``. The first call decides for the life of the process."""
-    global _live, live_kind
-    if _live is None:
-        choice = os.environ.get("ENERGY_AGENT_KERNEL", "auto").strip().lower()
-        if choice not in ("auto", "aot", "jit"):
-            raise ValueError(f"ENERGY_AGENT_KERNEL must be auto, aot or jit, got {choice!r}")
-        from agent import aot
-
-        f, kind = (aot.load() if choice != "jit" else None), "ahead-of-time build"
-        if f is None and choice == "aot":
-            raise RuntimeError(f"ENERGY_AGENT_KERNEL=aot, but {aot.describe_missing()}")
-        if f is None:
-            from agent.kernels import job_energy as f
-            kind = "numba JIT"
-        _live, live_kind = f, kind
-    return _live
-
-
-_live: Callable | None = None
-live_kind = "not loaded"
-"""Which build ``live_kernel`` chose: "ahead-of-time build" or "numba JIT"."""
-
-
 def warm_up() -> str:
-    """Load the per-job kernel ``compute_job`` runs (the ahead-of-time build, or numba's JIT
-    compiled or loaded from its cache) and run it once; returns which build it is."""
+    """Compile (or load from numba's cache) the per-job kernel ``compute_job`` runs, and run it
+    once; returns how long that took, for the start-up log."""
+    import time
+
+    started = time.perf_counter()
     t = np.array([0.0, 1.0, 2.0])
     st_t, st_s = t[:1].copy(), np.zeros(1, np.uint8)
-    live_kernel()(t, t.copy(), t.copy(), st_t, st_s, 0.5, 1.5, 5.0, 0.0, 0.0)
-    return live_kind
+    compute_job(t, t.copy(), t.copy(), st_t, st_s, 0.5, 1.5, 5.0)
+    return f"{time.perf_counter() - started:.2f} s"
 
 
 def warm_up_batch() -> None:
@@ -267,7 +295,7 @@ def warm_up_batch() -> None:
 def __getattr__(name: str):
     """The kernels themselves (``energy.job_energy`` …) without importing numba up front."""
     if name in ("job_energy", "job_energy_batch", "job_energy_batch_parallel", "FASTMATH"):
-        from agent import kernels
+        from energy_agent.domain import kernels
 
         return getattr(kernels, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""The ``influx`` section of the configuration (the bridge's store) and what a bridge
+process needs: that section, the ``mqtt`` section and where it keeps its dead letters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from energy_agent.core.validation import Model
+from energy_agent.delivery.config import MqttConfig
+
+
+class InfluxConfig(Model):
+    api: Literal["v1", "v2"] = Field("v1", description="v1: POST /write (InfluxDB 1.x); v2: /api/v2/write")
+    url: str = Field(pattern=r"^https?://")
+    database: str | None = Field(None, description="v1: database")
+    retention_policy: str | None = None
+    org: str | None = Field(None, description="v2: organisation")
+    bucket: str | None = Field(None, description="v2: bucket")
+    token_env: str | None = Field(None, description="v2: name of the environment variable holding the token")
+    measurement: str = "job_energy"
+    timeout_s: float = Field(10.0, gt=0)
+    subscription: str = Field(
+        "energy/v1/+/+/+/record", description="MQTT topic filter the bridge subscribes to"
+    )
+    client_id: str | None = Field(None, description="bridge MQTT client id (default: energy-bridge-<site>-<hash of the target store>)")
+    confirm_as: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description=(
+        "after the store accepted a record, publish its id to <prefix>/<site>/<agent>/confirm under "
+        "this name (agents list it in mqtt.confirm_by); bridges of one shared subscription use one name"))
+
+    @model_validator(mode="after")
+    def _target(self) -> "InfluxConfig":
+        if self.api == "v1" and not self.database:
+            raise ValueError("api v1 needs database")
+        if self.api == "v2" and not (self.org and self.bucket):
+            raise ValueError("api v2 needs org and bucket")
+        return self
+
+
+DEAD_LETTER_NAME = "bridge-dead-letter.jsonl"
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """Everything a bridge process needs, and nothing of the agent's devices or records."""
+
+    site: str
+    mqtt: MqttConfig
+    influx: InfluxConfig
+    base: Path
+    """The config file's folder: relative TLS and password file paths are taken from it."""
+    state_dir: Path
+    """Where the bridge keeps its dead-letter file unless told otherwise."""
+
+    def dead_letter_path(self) -> Path:
+        """``$STATE_DIRECTORY`` (systemd's StateDirectory=) if set, else ``state_dir``."""
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return (Path(state) if state else self.state_dir) / DEAD_LETTER_NAME
+
+    def client_id(self) -> str:
+        """influx.client_id, else one per site and target store: two bridges writing to different
+        stores must not share a session (the broker would keep disconnecting one of them)."""
+        ic = self.influx
+        if ic.client_id:
+            return ic.client_id
+        target = f"{ic.url}|{ic.database or ''}|{ic.org or ''}|{ic.bucket or ''}"
+        return f"energy-bridge-{self.site}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
