@@ -1,6 +1,7 @@
 # energy-agent — set-up, demo and tests on Debian/Ubuntu.
 #   make demo   venv + packages, then a simulated plant end to end (table read back from InfluxDB)
 #   make test   the same set-up, then the whole test suite against real services
+#   make wheel-demo   the wheel, installed in a fresh venv outside the tree, runs the demo (CI runs it)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := python3 python3-venv python3-dev gcc mosquitto influxdb victoria-metrics socat
 SERVICE_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/victoria-metrics
 
-.PHONY: demo test bench sysdeps venv kernels clean
+.PHONY: demo test bench wheel-demo sysdeps venv kernels clean
 
 demo: venv kernels
 	$(BIN)/energy-agent demo
@@ -20,6 +21,26 @@ test: venv kernels
 
 bench: venv kernels
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# What `pip install` of the wheel gives a plant, with no source tree on sys.path: build the wheel
+# (build/ removed first: setuptools would pack files an earlier build left there), install it
+# into a new venv in a temporary folder, and from that folder check the version, the shipped
+# example config, a shipped scenario, the kernels and the whole demo.
+wheel-demo: venv
+	rm -rf build
+	@set -euo pipefail; \
+	tmp=$$(mktemp -d /tmp/energy-agent-wheel.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	$(BIN)/python -m pip wheel --quiet --no-deps -w "$$tmp/dist" .; \
+	rm -rf build; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet "$$tmp"/dist/energy_agent-*.whl; \
+	cd "$$tmp"; ea="$$tmp/venv/bin/energy-agent"; \
+	set -x; \
+	"$$ea" --version; \
+	"$$ea" check-config -c "$$("$$ea" example-config --path)"; \
+	"$$ea" simulate demo --truth > truth.json; \
+	"$$ea" kernels build; \
+	"$$ea" demo
 
 venv: sysdeps $(STAMP)
 

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", help="scenario .yaml")
     p.add_argument("--host", default="127.0.0.1", help="address both servers listen on (default 127.0.0.1)")
     p.add_argument("--modbus-port", type=int, default=5020, help="Modbus port; 0 picks a free one (default 5020)")
-    p.add_argument("--modbus-framer", choices=["tcp", "rtu-over-tcp"], default="tcp")
+    p.add_argument("--modbus-framer", choices=["tcp", "rtu-over-tcp"], default="tcp",
+                   help="tcp (Modbus TCP, the default) or rtu-over-tcp (RTU frames, as behind an RS-485 gateway)")
     p.add_argument("--modbus-serial", default=None, metavar="DEVICE",
                    help="serve the meters as RTU on this serial device instead of TCP")
     p.add_argument("--baudrate", type=int, default=9600, help="with --modbus-serial (default 9600)")

@@ -126,13 +126,13 @@ def test_config_hash_ignores_formatting(tmp_path):
 
 
 def test_cli_check_config(capsys, tmp_path):
-    assert main(["check-config", str(ROOT / "config/plant.example.yaml")]) == 0
+    assert main(["check-config", "-c", str(ROOT / "config/plant.example.yaml")]) == 0
     assert "OK" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     d = _demo()
     d["machines"][0]["cnc"] = "cnc-9"
     bad.write_text(yaml.safe_dump(d))
-    assert main(["check-config", str(bad)]) == 2
+    assert main(["check-config", "-c", str(bad)]) == 2
     assert "machines[0].cnc: unknown cnc 'cnc-9' (known: cnc-1, cnc-2)" in capsys.readouterr().err
 
 

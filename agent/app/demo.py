@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from energy_agent.app.cli import print_table
+from energy_agent.app.cli.common import print_table
 from energy_agent.drivers.profile import load_profile
 from energy_agent.records.ledger import Ledger
 from energy_agent.records.record import verify_chain
