@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from energy_agent.core.record import Calibration as RecordCalibration
+from energy_agent.core.record import CncRef, MeterRef
 from energy_agent.core.secrets import read_secret
 from energy_agent.core.validation import ID_PATTERN, Model
 
@@ -52,6 +54,14 @@ class MeterDevice(Model):
         if self.transport != "rtu" and not self.host:
             raise ValueError(f"transport {self.transport} needs host")
         return self
+
+    def as_ref(self, profile: str) -> MeterRef:
+        """This meter as records name it; ``profile`` is the name of the profile that decoded it."""
+        cal = self.calibration
+        return MeterRef(id=self.id, profile=profile, accuracy=self.accuracy, boundary=self.boundary,
+                        calibration=None if cal is None else RecordCalibration(
+                            certificate=cal.certificate,
+                            valid_until=cal.valid_until.isoformat() if cal.valid_until else None))
 
     def bus_key(self) -> tuple:
         """Meters with the same key share one connection (and its lock)."""
@@ -135,3 +145,7 @@ class CncDevice(Model):
             "one instant split over two publish responses still merge); a number: that quiet period; "
             "0: hand over at the end of each publish response or poll (for servers that update an "
             "instant's nodes at once)"))
+
+    def as_ref(self) -> CncRef:
+        """This CNC as records name it."""
+        return CncRef(id=self.id, node_map=self.node_map)

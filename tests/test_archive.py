@@ -24,6 +24,7 @@ import yaml
 
 from energy_agent.core import states
 from energy_agent.core.reading import Reading
+from energy_agent.core.record import canonical_json
 from energy_agent.domain import energy
 from energy_agent.domain.energy import compute_job
 from energy_agent.domain.tracker import MachineTracker
@@ -207,10 +208,9 @@ async def _ledger_and_archive(tmp_path, jobs):
     writer = archive.ArchiveWriter(tmp_path / "archive")
     for job in jobs:
         rec = await ledger.append(job.machine, lambda seq, prev, job=job: record.build(
-            site="plant", agent="gw", seq=seq, prev_hash=prev, job=job, factor_id="vn-2023",
-            factor=factories.FACTOR, meter=factories.METER, profile="eastron-sdm630", cnc=None,
-            config_hash="c" * 64))
-        writer.submit(rec["record_id"], job)
+            site="plant", agent="gw", seq=seq, prev_hash=prev, job=job, factor=factories.FACTOR.as_factor("vn-2023"),
+            meter=factories.METER.as_ref("eastron-sdm630"), cnc=None, config_hash="c" * 64))
+        writer.submit(rec.record_id, job)
     writer.close()
     await ledger.close()
     assert writer.written == len(jobs)
@@ -232,19 +232,19 @@ async def test_tracked_jobs_replay_identical_and_a_change_is_a_difference(tmp_pa
     assert not rep.without_frame and not rep.without_record and rep.ok
 
     # The ledger's kWh moved by one unit of its last digit: a difference, both values shown.
-    changed = json.loads(json.dumps(recs))
-    changed[0]["energy"]["kwh"] = round(changed[0]["energy"]["kwh"] + 1e-9, 9)
+    changed = [factories.edited(recs[0], lambda d: d["energy"].update(kwh=round(d["energy"]["kwh"] + 1e-9, 9))),
+               *recs[1:]]
     rep = replay.replay(tmp_path / "archive", changed)
-    assert not rep.ok and rep.identical == 1 and rep.differing == {recs[0]["record_id"]}
+    assert not rep.ok and rep.identical == 1 and rep.differing == {recs[0].record_id}
     fields = {d.field: d for d in rep.differences}
     assert set(fields) == {"energy.kwh"}, fields  # its hash still covers the original value, as rebuilt
     d = fields["energy.kwh"]
-    assert d.against == "ledger" and json.loads(d.stored) == changed[0]["energy"]["kwh"]
-    assert json.loads(d.replayed) == recs[0]["energy"]["kwh"]
+    assert d.against == "ledger" and json.loads(d.stored) == changed[0].energy.kwh
+    assert json.loads(d.replayed) == recs[0].energy.kwh
 
     # A record the archive does not know, and a frame the ledger does not know.
     rep = replay.replay(tmp_path / "archive", recs[1:])
-    assert rep.identical == 1 and [f.record_id for f in rep.without_record] == [recs[0]["record_id"]]
+    assert rep.identical == 1 and [f.record_id for f in rep.without_record] == [recs[0].record_id]
 
 
 async def test_a_changed_sample_in_a_frame_is_a_difference(tmp_path):
@@ -321,11 +321,10 @@ def test_agent_archives_every_job_and_replay_finds_them_identical(agent_run):
     assert agent_run["codes"]["agent"] == 0
     assert len(records) == len(agent_run["truth"]) >= 6
     # Faults reached the records (how many depends on timing): more than plain counter deltas replayed.
-    assert any(r["quality"]["bad_samples"] or r["quality"]["gap_count"] or r["quality"]["counter_resets"]
-               for r in records)
+    assert any(r.quality.bad_samples or r.quality.gap_count or r.quality.counter_resets for r in records)
     frames = [item for p in archive.files(work / "archive") for _, item in archive.scan(p)]
     assert all(isinstance(f, archive.Frame) for f in frames), frames
-    assert sorted(f.record_id for f in frames) == sorted(r["record_id"] for r in records)
+    assert sorted(f.record_id for f in frames) == sorted(r.record_id for r in records)
 
     out = _run(["replay", "-c", "plant.yaml", "--progress"], work)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -336,7 +335,7 @@ def test_agent_archives_every_job_and_replay_finds_them_identical(agent_run):
 
     out = _run(["replay", "-c", "plant.yaml", "--machine", "m2"], work)
     assert out.returncode == 0 and out.stderr == "", out.stderr  # not a terminal: no bar
-    m2 = sum(r["machine"] == "m2" for r in records)
+    m2 = sum(r.machine == "m2" for r in records)
     assert _replay_summary(out.stdout) == {"replayed": m2, "identical": m2, "differing": 0}
 
 
@@ -359,7 +358,7 @@ def test_replay_reports_a_changed_ledger_energy(agent_run):
     rec = json.loads(body)
     old = rec["energy"]["by_state"]["processing"]
     rec["energy"]["by_state"]["processing"] = round(old + 1e-9, 9)
-    db.execute("UPDATE records SET body=? WHERE record_id=?", (record.canonical_json(rec).decode(), rid))
+    db.execute("UPDATE records SET body=? WHERE record_id=?", (canonical_json(rec).decode(), rid))
     db.commit()
     db.close()
     out = _run(["replay", "-c", "plant.yaml"], work)

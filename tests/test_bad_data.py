@@ -226,7 +226,7 @@ async def _plant_run(tmp_path_factory):
         await meters.stop()
         await cncs.stop()
     ledger = Ledger(tmp_path / "ledger.db")
-    records = ledger.records()
+    records = [r.to_json() for r in ledger.records()]  # the records' JSON form: the contract
     ledger.close_sync()
     return {"records": {r["job"]["job_id"]: r for r in records}, "n_records": len(records), "truth": truth,
             "lines": lines.lines, "damaged": meters.proxy.damaged}, stalls

@@ -100,7 +100,7 @@ async def test_two_bridges_share_a_subscription_and_confirm_every_record(tmp_pat
         rows = influxdb.query("SELECT * FROM job_energy", "shared")
         ids = [r["record_id"] for r in rows]
         assert len(ids) == len(set(ids)) == 300
-        assert {r["record_id"] for r in ledger.records()} == set(ids)
+        assert {r.record_id for r in ledger.records()} == set(ids)
         written = [b.written for b in bridges]
         assert sum(written) >= 300 and min(written) > 0, f"the load was not split: {written}"
         assert publisher.confirmed == 300 and publisher.resent == 0
@@ -135,7 +135,7 @@ async def test_unconfirmed_records_are_published_again(tmp_path, caplog):
         await consumer.publish("energy/v1/s/a/confirm", b'{"by": "other", "records": ["x"]}')
         await consumer.publish("energy/v1/s/a/confirm", b"not json")
         await consumer.publish("energy/v1/s/a/confirm",
-                               ('{"by": "store", "records": [%s]}' % ",".join(f'"{r["record_id"]}"' for r in recs))
+                               ('{"by": "store", "records": [%s]}' % ",".join(f'"{r.record_id}"' for r in recs))
                                .encode())
         await until(lambda: unconfirmed_is_zero(ledger), 10, "the confirmation stored")
         # A confirmed record stays put: wait for outbox scans whose resend cut-off is past the
@@ -190,7 +190,7 @@ async def test_status_is_retained_and_the_will_says_offline(tmp_path):
         cnc = json.loads(got["energy/v1/s/a/device/cnc-1/availability"])
         assert cnc["state"] == "offline" and cnc["error"] == "connection refused"
         # The broker, not the agent, says it is gone when the connection dies uncleanly.
-        agent._c._sock.close()  # a cut cable: no DISCONNECT sent
+        agent._c.socket().close()  # a cut cable: no DISCONNECT sent
         got = await until(lambda: _has(retained, 3, lambda g: json.loads(g[topic])["state"] == "offline"), 20,
                           "the last will")
     finally:
@@ -217,23 +217,23 @@ async def test_pruning_keeps_chain_heads_verifiable(tmp_path):
             await factories.fill(ledger, m, 10, site="s", agent="a")
         rows = await ledger.outbox(100)
         await ledger.mark_sent([rid for rid, _ in rows])
-        ids = {r["record_id"]: r for _, r in rows}
-        m1 = [r for r in ids.values() if r["machine"] == "m1"]
+        ids = {r.record_id: r for _, r in rows}
+        m1 = [r for r in ids.values() if r.machine == "m1"]
         # m1: all confirmed but seq 7; m2: all confirmed.
-        await ledger.confirm([r["record_id"] for r in m1 if r["seq"] != 7], "store", frozenset({"store"}))
-        await ledger.confirm([r["record_id"] for r in ids.values() if r["machine"] == "m2"], "store",
+        await ledger.confirm([r.record_id for r in m1 if r.seq != 7], "store", frozenset({"store"}))
+        await ledger.confirm([r.record_id for r in ids.values() if r.machine == "m2"], "store",
                              frozenset({"store"}))
         pruned = await ledger.prune(time.time() + 1, need_confirmed=True)
         assert pruned == {"m1": 6, "m2": 9}  # m1 stops before the unconfirmed seq 7; m2 keeps its head
         left = ledger.records()
-        assert sorted((r["machine"], r["seq"]) for r in left) == [("m1", s) for s in (7, 8, 9, 10)] + [("m2", 10)]
+        assert sorted((r.machine, r.seq) for r in left) == [("m1", s) for s in (7, 8, 9, 10)] + [("m2", 10)]
         anchors = ledger.anchors()
         assert anchors["m1"][0] == 6 and anchors["m2"][0] == 9
         assert verify_chain(left, anchors) == []
         assert verify_chain(left) == ["m1: seq 1..6 missing (and no prune anchor)",
                                       "m2: seq 1..9 missing (and no prune anchor)"]
         forged = dict(anchors, m2=(9, "f" * 64))
-        assert verify_chain(left, forged) == [f"m2 seq 10 ({left[-1]['record_id']}): prev_hash does not match seq 9"]
+        assert verify_chain(left, forged) == [f"m2 seq 10 ({left[-1].record_id}): prev_hash does not match seq 9"]
         await factories.fill(ledger, "m2", 2, first=11, site="s", agent="a")  # the chain goes on
         assert verify_chain(ledger.records(), ledger.anchors()) == []
     finally:
@@ -329,7 +329,7 @@ async def test_disk_full_holds_records_then_stores_them(tmp_path, small_fs, capl
         filler.unlink()  # space again: every held job is stored, in order, once
         await until(lambda: agent.stats.records == 20, 20, "the held records stored")
         recs = agent.ledger.records()
-        assert [r["job"]["key"] for r in recs] == [f"J-{i}" for i in range(20)]
+        assert [r.job.key for r in recs] == [f"J-{i}" for i in range(20)]
         assert verify_chain(recs) == []
         errors = [r for r in caplog.records if "cannot store the record" in r.getMessage()]
         assert len(errors) == 1 and "full" in errors[0].getMessage()  # logged once, with SQLite's cause
@@ -359,7 +359,7 @@ async def test_read_only_ledger_holds_up_to_the_bound_then_stops(tmp_path, small
         assert crit and "J-7" in crit[0] and "hold_max (5)" in crit[0]  # what could not be kept is named
         _remount(small_fs, "rw")
         await until(lambda: agent.stats.records == 6, 20, "the held records stored")
-        assert [r["job"]["key"] for r in agent.ledger.records()] == [f"J-{i}" for i in range(7)]
+        assert [r.job.key for r in agent.ledger.records()] == [f"J-{i}" for i in range(7)]
     finally:
         recorder.cancel()
         await asyncio.gather(recorder, return_exceptions=True)
@@ -380,8 +380,8 @@ def test_corrupt_ledger_at_start_is_a_clear_error(tmp_path):
 
 
 async def test_records_of_an_earlier_agent_id_go_to_their_own_topic(tmp_path):
-    """Site and agent ids are read once and then only confirmed per record: a ledger that holds
-    records from before an id change still publishes each under its own site and agent."""
+    """Each record's topic comes from the record: a ledger that holds records from before an id
+    change publishes each under its own site and agent."""
     async with publishing(tmp_path, "energy/v1/#") as (ledger, publisher, consumer):
         await factories.fill(ledger, "m1", 2, site="s", agent="old-gw")
         await factories.fill(ledger, "m2", 2, site="s", agent="gw")

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from energy_agent.app.demo import tolerance_kwh
-from energy_agent.bridge.influx import record_to_point
+from energy_agent.bridge.lineproto import time_ns
+from energy_agent.core.record import Record
 from energy_agent.records.ledger import Ledger
 from energy_agent.records.record import verify_chain
 from energy_agent.simulators.plant import PlantRun
@@ -40,7 +41,7 @@ def plant_run(tmp_path_factory, mosquitto, influxdb, victoria):
                 return None
             led = Ledger(ledger_path)
             try:
-                recs = led.records()
+                recs = [r.to_json() for r in led.records()]  # the records' JSON form: the contract
             finally:
                 led.close_sync()
             return recs if len(recs) >= len(truth) else None
@@ -80,7 +81,7 @@ def test_every_job_recorded_once_within_tolerance(plant_run):
         assert r["job"]["program"] == t["program"] and r["job"]["serial"] == t["serial"]
         assert r["job"]["product"] == t["product"] and r["job"]["subassembly"] == t["subassembly"]
         assert r["job"]["parts"] == t["parts"]
-    assert verify_chain(records) == []
+    assert verify_chain([Record.parse(r) for r in records]) == []
 
 
 def test_influxdb_v1_has_each_record_once_with_ledger_values(plant_run):
@@ -100,7 +101,7 @@ def test_victoriametrics_v2_path_has_each_record_once(plant_run):
     # millisecond timestamps: one sample per record, at the job start, with the ledger's kWh.
     got = sorted((s["metric"]["machine"], ts, v) for s in plant_run["vm"]
                  for ts, v in zip(s["timestamps"], s["values"]))
-    want = sorted((r["machine"], record_to_point(r)._time // 1_000_000, r["energy"]["kwh"])
+    want = sorted((r["machine"], time_ns(r["start"], "start") // 1_000_000, r["energy"]["kwh"])
                   for r in plant_run["records"])
     assert [(m, ts) for m, ts, _ in got] == [(m, ts) for m, ts, _ in want]
     assert [v for *_, v in got] == pytest.approx([v for *_, v in want], abs=1e-12)

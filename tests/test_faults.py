@@ -23,6 +23,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from energy_agent.app.demo import tolerance_kwh
+from energy_agent.core.record import Record
 from energy_agent.records.ledger import Ledger
 from energy_agent.records.record import verify_chain
 from energy_agent.simulators.plant import PlantRun
@@ -100,7 +101,7 @@ class Plant:
         codes = self.run.stop()
         led = Ledger(self.run.workdir / "ledger.db")
         try:
-            records = led.records()
+            records = [r.to_json() for r in led.records()]  # the records' JSON form: the contract
         finally:
             led.close_sync()
         bridge_out = self.run.proc("bridge-influx").log.read_text(errors="replace")
@@ -128,7 +129,7 @@ class Plant:
             assert pt["kwh"] == pytest.approx(rec["energy"]["kwh"], rel=1e-12, abs=1e-12)
             assert pt["kgco2e"] == pytest.approx(rec["emissions"]["kgco2e"], rel=1e-12, abs=1e-12)
             assert pt["job_id"] == rec["job"]["job_id"]
-        assert verify_chain(records) == []
+        assert verify_chain([Record.parse(r) for r in records]) == []
         assert all(code == 0 for code in codes.values()), codes
         report["records_by_job"] = by_job
         return report

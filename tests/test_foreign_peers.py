@@ -172,7 +172,7 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server, mode
     from energy_agent.records.ledger import Ledger
 
     ledger = Ledger(tmp_path / "ledger.db")
-    recs = ledger.records()
+    recs = [r.to_json() for r in ledger.records()]  # the records' JSON form: the contract
     ledger.close_sync()
     assert len(recs) == 1
     r = recs[0]

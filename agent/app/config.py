@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from energy_agent.bridge.config import BridgeSettings, InfluxConfig
 from energy_agent.core.errors import ConfigError
+from energy_agent.core.record import CncRef, Factor, MeterRef
 from energy_agent.core.validation import ID_PATTERN, Model, format_validation
 from energy_agent.delivery.config import MqttConfig
 from energy_agent.drivers.config import CncDevice, CncSecurity, MeterDevice
@@ -157,6 +158,17 @@ class Loaded:
             except ValueError as exc:
                 raise ConfigError(f"cncs[{i}].params ({c.id}): {exc}") from None
 
+
+    def factor(self, factor_id: str) -> Factor:
+        """A declared emission factor as records carry it."""
+        return self.config.emission_factors[factor_id].as_factor(factor_id)
+
+    def meter_ref(self, meter_id: str) -> MeterRef:
+        """A meter as records name it (with the name of the profile that decoded it)."""
+        return self.config.meter(meter_id).as_ref(self.profiles[meter_id].name)
+
+    def cnc_ref(self, cnc_id: str) -> CncRef:
+        return self.config.cnc(cnc_id).as_ref()
 
     def ledger_path(self) -> Path:
         """The ledger file, relative paths taken from the config's folder."""

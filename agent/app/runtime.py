@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from energy_agent.app.config import Loaded
 from energy_agent.core.clock import Clock, sleep_or_stop
 from energy_agent.core.errors import AgentError, DuplicateRecord
 from energy_agent.core.reading import Availability
+from energy_agent.core.record import Record
 from energy_agent.domain import energy
 from energy_agent.domain.tracker import FinishedJob, MachineTracker
 from energy_agent.drivers.modbus import MeterDriver, ModbusBus
@@ -283,21 +285,17 @@ class Agent:
                 gc.freeze()
             await sleep_or_stop(stop, 0.5)
 
-    def _build_record(self, job: FinishedJob):
-        cfg = self.cfg
+    def _build_record(self, job: FinishedJob) -> Callable[[int, str], Record]:
+        cfg, loaded = self.cfg, self.loaded
         machine = next(m for m in cfg.machines if m.id == job.machine)
-        meter = cfg.meter(machine.meter)
-        cnc = cfg.cnc(machine.cnc)
+        factor, meter, cnc = loaded.factor(machine.emission_factor), loaded.meter_ref(machine.meter), loaded.cnc_ref(machine.cnc)
 
-        def build(seq: int, prev_hash: str) -> dict:
+        def build(seq: int, prev_hash: str) -> Record:
             return record.build(site=cfg.site, agent=cfg.agent_id, seq=seq, prev_hash=prev_hash, job=job,
-                                factor_id=machine.emission_factor,
-                                factor=cfg.emission_factors[machine.emission_factor],
-                                meter=meter, profile=self.loaded.profiles[meter.id].name, cnc=cnc,
-                                config_hash=self.config_hash)
+                                factor=factor, meter=meter, cnc=cnc, config_hash=self.config_hash)
         return build
 
-    async def _store(self, job: FinishedJob) -> dict | None:
+    async def _store(self, job: FinishedJob) -> Record | None:
         """Commit a finished job's record; while the ledger fails, keep the job and retry."""
         backoff, failing = 0.0, False
         while True:
@@ -402,9 +400,9 @@ class Agent:
                 continue
             self.stats.records += 1
             if archive is not None:  # after the commit; never waits, never raises
-                archive.submit(rec["record_id"], job)
-            log.info("job %s on %s: %.6f kWh (%s, coverage %.3f) seq %d", rec["job"]["key"], job.machine,
-                     rec["energy"]["kwh"], rec["energy"]["method"], rec["quality"]["coverage"], rec["seq"])
+                archive.submit(rec.record_id, job)
+            log.info("job %s on %s: %.6f kWh (%s, coverage %.3f) seq %d", rec.job.key, job.machine,
+                     rec.energy.kwh, rec.energy.method, rec.quality.coverage, rec.seq)
             if self.publisher is not None:
                 self.publisher.notify()
 

@@ -22,7 +22,7 @@ one of them. They write the same store and confirm under one ``confirm_as`` name
 
 Messages arriving within ``batch_window_s`` of each other (up to ``batch_max``) go to
 InfluxDB in one write, as line protocol built straight from the record
-(:func:`energy_agent.bridge.influx.record_to_line`, the same bytes a Point would write). The next batch is
+(:func:`energy_agent.bridge.lineproto.record_line`). The next batch is
 decoded while the last one is being written; writes, and the acknowledgements after them, stay
 one batch at a time.
 """
@@ -42,12 +42,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from energy_agent.bridge.config import BridgeSettings
-from energy_agent.bridge.influx import InfluxWriter, WriteRejected, record_to_line
+from energy_agent.bridge.influx import InfluxWriter, WriteRejected
+from energy_agent.bridge.lineproto import record_line
 from energy_agent.core.clock import sleep_or_stop
 from energy_agent.core.errors import ConfigError, DeliveryError, RecordError
+from energy_agent.core.record import Record, canonical_json
 from energy_agent.delivery.mqtt import Message, client_from_config
 from energy_agent.delivery.outbox import confirm_topic
-from energy_agent.records.record import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ RETRY_MAX_S = 30.0
 @dataclass(frozen=True, slots=True)
 class Converted:
     line: bytes
-    """The record's point in line protocol (energy_agent.bridge.influx.record_to_line)."""
+    """The record's point in line protocol (``lineproto.record_line``)."""
     record_id: str
     confirm_topic: str
     """Where this record's confirmation goes: <prefix>/<site>/<agent>/confirm."""
@@ -95,25 +96,21 @@ class Bridge:
 
     # ------------------------------------------------------------------ conversion
 
-    def convert(self, msg: Message):
+    def convert(self, msg: Message) -> Converted | tuple[str, str]:
         """The point of a message, or ``(kind, reason)`` why it is not a record."""
         try:
-            rec = json.loads(msg.payload)
-        except UnicodeDecodeError as exc:
-            return "not JSON", f"not UTF-8 text: {exc}"
-        except RecursionError:
-            return "not JSON", "nested too deeply"
-        except ValueError as exc:  # JSONDecodeError, and integers with too many digits
-            return "not JSON", str(exc)
+            rec = Record.parse(msg.payload)
+        except RecordError as exc:
+            text = str(exc)
+            return ("not JSON", text.removeprefix("not JSON: ")) if text.startswith("not JSON") else ("not a record", text)
         try:
-            line = record_to_line(rec, self.influx_cfg.measurement)
+            line = record_line(rec, self.influx_cfg.measurement)
         except RecordError as exc:
             return "not a record", str(exc)
-        levels = msg.topic.split("/")
-        expected = [rec["site"], rec["agent"], rec["machine"], "record"]
-        if levels[-4:] != expected:
+        expected = [rec.site, rec.agent, rec.machine, "record"]
+        if msg.topic.split("/")[-4:] != expected:
             return "wrong topic", f"the record of {'/'.join(expected[:3])} came on {msg.topic!r}"
-        return Converted(line, rec["record_id"], confirm_topic(msg.topic))
+        return Converted(line, rec.record_id, confirm_topic(msg.topic))
 
     def _dead_letter(self, msg: Message, kind: str, reason: str) -> None:
         """Append the message to the dead-letter file (OSError if that fails)."""

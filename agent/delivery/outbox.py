@@ -23,14 +23,11 @@ from dataclasses import dataclass
 
 from energy_agent.core.clock import wait_any
 from energy_agent.core.errors import DeliveryError
+from energy_agent.core.record import Record
 from energy_agent.delivery.mqtt import MqttClient
 from energy_agent.records.ledger import Ledger
 
 log = logging.getLogger(__name__)
-
-
-def record_topic(prefix: str, record: dict) -> str:
-    return f"{prefix}/{record['site']}/{record['agent']}/{record['machine']}/record"
 
 
 def confirm_topic(record_topic_: str) -> str:
@@ -65,8 +62,6 @@ class Publisher:
         self.confirm_topic = confirm_topic
         if self.confirm_by and not confirm_topic:
             raise ValueError("confirm_by needs the confirm topic")
-        self._base: str | None = None
-        self._marks: tuple[str, str] = ("", "")
         self.confirmed = 0
         self.resent = 0
         self._connections = 0
@@ -85,22 +80,17 @@ class Publisher:
         """A record was committed: drain now rather than at the next periodic check."""
         self._wake.set()
 
-    def _topic(self, machine: str, body: str) -> str:
-        """The record's topic. Site and agent are this agent's, so they are parsed once and
-        then only confirmed in the canonical JSON (a record from before a site or agent id
-        change is parsed again and goes to its own topic)."""
-        if self._base is None or self._marks[0] not in body or self._marks[1] not in body:
-            rec = json.loads(body)
-            self._base = f"{self.prefix}/{rec['site']}/{rec['agent']}"
-            self._marks = (f'"site":{json.dumps(rec["site"])}', f'"agent":{json.dumps(rec["agent"])}')
-        return f"{self._base}/{machine}/record"
+    def _topic(self, body: str) -> str:
+        """The record's topic, from the record itself (a record stored before a site or agent id
+        change goes to its own topic)."""
+        return Record.parse(body).topic(self.prefix)
 
     async def _send(self, rows: list[tuple[int, str, str]], ahead: int = 0) -> tuple[list[int], Exception | None]:
         # The stored canonical JSON goes out as it is (no re-encoding); paho keeps max_inflight
         # on the wire and queues the rest, and the whole batch is awaited at once. The timeout
         # grows with what is on the wire before the batch's last message (``ahead``: the batch
         # before it): a slow link needs time for many round trips of max_inflight.
-        items = [(self._topic(m, b), b.encode()) for _, m, b in rows]
+        items = [(self._topic(b), b.encode()) for _, _, b in rows]
         timeout = self.timeout * max(1.0, (len(items) + ahead) / self.max_inflight)
         results = await self.client.publish_many(items, qos=1, timeout=timeout)
         ok = [rid for (rid, _, _), res in zip(rows, results) if res is None]

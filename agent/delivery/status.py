@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 
 from energy_agent.core.clock import wait_any
 from energy_agent.core.errors import DeliveryError
+from energy_agent.core.record import canonical_json
 from energy_agent.delivery.mqtt import MqttClient
-from energy_agent.records.record import canonical_json
 
 log = logging.getLogger(__name__)
 

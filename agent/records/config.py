@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from energy_agent.core.record import Factor
 from energy_agent.core.validation import Model
 
 
@@ -30,6 +31,13 @@ class EmissionFactor(Model):
         if self.valid_from and self.valid_to and self.valid_to < self.valid_from:
             raise ValueError("valid_to is before valid_from")
         return self
+
+    def as_factor(self, factor_id: str) -> Factor:
+        """This factor as records carry it, under its id in ``emission_factors``."""
+        return Factor(id=factor_id, value=self.value, unit=self.unit, authority=self.authority,
+                      document=self.document, region=self.region, year=self.year, method=self.method,
+                      basis=self.basis, valid_from=self.valid_from.isoformat() if self.valid_from else None,
+                      valid_to=self.valid_to.isoformat() if self.valid_to else None)
 
 
 class LedgerConfig(Model):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from energy_agent.core.errors import DuplicateRecord, RecordError
-from energy_agent.records.record import GENESIS, canonical_json
+from energy_agent.core.record import GENESIS, Record
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS records (
@@ -141,7 +141,7 @@ class Ledger:
         assert self._db is not None
         return self._db
 
-    def _append(self, machine: str, build: Callable[[int, str], dict]) -> dict:
+    def _append(self, machine: str, build: Callable[[int, str], Record]) -> Record:
         db = self._conn()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -153,24 +153,24 @@ class Ledger:
             db.execute(
                 "INSERT INTO records (record_id, machine, seq, start, end, hash, prev_hash, body, created_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
-                (rec["record_id"], machine, seq, rec["start"], rec["end"], rec["hash"], prev,
-                 canonical_json(rec).decode(), time.time()),
+                (rec.record_id, machine, seq, rec.start, rec.end, rec.hash, prev, rec.canonical().decode(),
+                 time.time()),
             )
             db.execute("COMMIT")
         except sqlite3.IntegrityError as exc:
             db.execute("ROLLBACK")
-            raise DuplicateRecord(f"{machine}: record {rec.get('record_id')} already in the ledger ({exc})") from exc
+            raise DuplicateRecord(f"{machine}: record {rec.record_id} already in the ledger ({exc})") from exc
         except sqlite3.DatabaseError as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise RecordError(f"{self.path}: cannot store the record of {machine}: {exc}") from exc
         return rec
 
-    def _outbox(self, limit: int) -> list[tuple[int, dict]]:
+    def _outbox(self, limit: int) -> list[tuple[int, Record]]:
         rows = self._conn().execute(
             "SELECT id, body FROM records WHERE sent_at IS NULL ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
-        return [(i, json.loads(b)) for i, b in rows]
+        return [(i, self._parse(i, b)) for i, b in rows]
 
     def _mark_sent(self, ids: list[int]) -> None:
         now = time.time()
@@ -276,11 +276,11 @@ class Ledger:
     async def open(self) -> None:
         await self._run(self._conn)
 
-    async def append(self, machine: str, build: Callable[[int, str], dict]) -> dict:
+    async def append(self, machine: str, build: Callable[[int, str], Record]) -> Record:
         """Build the machine's next record with (seq, prev_hash) and commit it; returns it."""
         return await self._run(self._append, machine, build)
 
-    async def outbox(self, limit: int = 500) -> list[tuple[int, dict]]:
+    async def outbox(self, limit: int = 500) -> list[tuple[int, Record]]:
         """Unsent records, oldest first, as (row id, record)."""
         return await self._run(self._outbox, limit)
 
@@ -331,9 +331,9 @@ class Ledger:
 
     # ------------------------------------------------------------------ offline reading (CLI)
 
-    def records(self, machine: str | None = None, since: str | None = None, limit: int | None = None) -> list[dict]:
+    def records(self, machine: str | None = None, since: str | None = None, limit: int | None = None) -> list[Record]:
         """Records in ledger order (synchronous: for the CLI and verifiers, not the agent loop)."""
-        sql, args = "SELECT body FROM records WHERE 1=1", []
+        sql, args = "SELECT id, body FROM records WHERE 1=1", []
         if machine:
             sql += " AND machine=?"
             args.append(machine)
@@ -344,7 +344,13 @@ class Ledger:
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
-        return [json.loads(b) for (b,) in self._query(sql, tuple(args))]
+        return [self._parse(row_id, body) for row_id, body in self._query(sql, tuple(args))]
+
+    def _parse(self, row_id: int, body: str) -> Record:
+        try:
+            return Record.parse(body)
+        except RecordError as exc:
+            raise RecordError(f"{self.path}: row {row_id} is not a valid record: {exc}") from exc
 
     def anchors(self) -> dict[str, tuple[int, str]]:
         """Per machine, (seq, hash) of the last pruned record: where its chain now begins."""

@@ -18,16 +18,17 @@ frame (the archive was off or its disk failed) and torn or corrupt frames.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TextIO
 
 import numpy as np
 
+from energy_agent.core.errors import RecordError
+from energy_agent.core.record import Record, canonical_json
 from energy_agent.domain.energy import JobEnergy, compute_job
 from energy_agent.domain.tracker import FinishedJob, JobInfo
 from energy_agent.records import archive, record
@@ -62,7 +63,7 @@ class Report:
     differences: list[Difference] = field(default_factory=list)
     differing: set[str] = field(default_factory=set)
     without_record: list[archive.Frame] = field(default_factory=list)
-    without_frame: list[dict] = field(default_factory=list)
+    without_frame: list[Record] = field(default_factory=list)
     problems: list[archive.Problem] = field(default_factory=list)
     kernels: set[str] = field(default_factory=set)
     """Kernel versions named by the compared records."""
@@ -115,10 +116,10 @@ def _text(v: Any) -> str:
     return v if isinstance(v, str) else _bits(v)
 
 
-def finished_job(frame: archive.Frame, rec: dict, energy: JobEnergy) -> FinishedJob:
+def finished_job(frame: archive.Frame, rec: Record, energy: JobEnergy) -> FinishedJob:
     """The tracker's ``FinishedJob`` again: the window, samples and flags from the frame (as
     ``MachineTracker._compute`` derives them), the job's descriptive fields from the record."""
-    x, j = frame.inputs, rec.get("job") or {}
+    x, j = frame.inputs, rec.job
     lo, hi = np.searchsorted(x.t, x.t0, "left"), np.searchsorted(x.t, x.t1, "right")
     inside = x.t[lo:hi]
     median = float(np.median(np.diff(inside))) if len(inside) > 1 else None
@@ -127,34 +128,21 @@ def finished_job(frame: archive.Frame, rec: dict, energy: JobEnergy) -> Finished
         flags.add("estimated_energy")
     if energy.coverage < 1.0:
         flags.add("incomplete_coverage")
-    info = JobInfo(key=frame.key, key_point="", start=x.t0, start_wall=frame.start_wall, job_id=j.get("job_id"),
-                   program=j.get("program"), product=j.get("product"), serial=j.get("serial"),
-                   subassembly=j.get("subassembly"), flags=set(x.flags))
-    return FinishedJob(frame.machine, info, x.t1, frame.end_wall, j.get("end_reason"), j.get("parts"), energy,
+    info = JobInfo(key=frame.key, key_point="", start=x.t0, start_wall=frame.start_wall, job_id=j.job_id,
+                   program=j.program, product=j.product, serial=j.serial, subassembly=j.subassembly,
+                   flags=set(x.flags))
+    return FinishedJob(frame.machine, info, x.t1, frame.end_wall, j.end_reason, j.parts, energy,
                        int(hi - lo), len(x.bad_t), median, tuple(sorted(flags)), x)
 
 
-def _day(s: str | None) -> date | None:
-    return None if s is None else date.fromisoformat(s)
-
-
-def rebuild(frame: archive.Frame, rec: dict, energy: JobEnergy) -> dict:
-    """The record ``energy_agent.records.record.build`` makes of the replayed job, with the ledger record's
-    identity, chain position and provenance."""
-    f = rec["emissions"]["factor"]
-    factor = SimpleNamespace(**{**f, "valid_from": _day(f.get("valid_from")), "valid_to": _day(f.get("valid_to"))})
-    m = rec["meter"]
-    cal = m.get("calibration")
-    meter = SimpleNamespace(id=m["id"], accuracy=m.get("accuracy"), boundary=m.get("boundary"),
-                            calibration=None if cal is None else SimpleNamespace(
-                                certificate=cal.get("certificate"), valid_until=_day(cal.get("valid_until"))))
-    cnc = None if rec.get("cnc") is None else SimpleNamespace(**rec["cnc"])
-    out = record.build(site=rec["site"], agent=rec["agent"], seq=rec["seq"], prev_hash=rec["prev_hash"],
-                       job=finished_job(frame, rec, energy), factor_id=f["id"], factor=factor, meter=meter,
-                       profile=m["profile"], cnc=cnc, config_hash=rec["provenance"]["config_hash"])
-    out["provenance"] = rec["provenance"]  # the version that made it, not this one
-    out["hash"] = record.record_hash(out)
-    return out
+def rebuild(frame: archive.Frame, rec: Record, energy: JobEnergy) -> Record:
+    """The record ``records.record.build`` makes of the replayed job, with the ledger record's
+    identity, chain position, factor, meter, CNC and provenance."""
+    out = record.build(site=rec.site, agent=rec.agent, seq=rec.seq, prev_hash=rec.prev_hash,
+                       job=finished_job(frame, rec, energy), factor=rec.emissions.factor, meter=rec.meter,
+                       cnc=rec.cnc, config_hash=rec.provenance.config_hash)
+    # the version that made it, not this one
+    return dataclasses.replace(out, provenance=rec.provenance).with_hash()
 
 
 def _leaves(v: Any, prefix: str, out: dict[str, str]) -> None:
@@ -162,15 +150,15 @@ def _leaves(v: Any, prefix: str, out: dict[str, str]) -> None:
         for k, x in v.items():
             _leaves(x, f"{prefix}.{k}" if prefix else k, out)
     else:
-        out[prefix] = record.canonical_json(v).decode()
+        out[prefix] = canonical_json(v).decode()
 
 
-def compare_record(stored: dict, rebuilt: dict) -> list[tuple[str, str, str]]:
+def compare_record(stored: Record, rebuilt: Record) -> list[tuple[str, str, str]]:
     """(field, stored, rebuilt) for every leaf that differs, as canonical JSON text."""
     a: dict[str, str] = {}
     b: dict[str, str] = {}
-    _leaves(stored, "", a)
-    _leaves(rebuilt, "", b)
+    _leaves(stored.to_json(), "", a)
+    _leaves(rebuilt.to_json(), "", b)
     return [(k, a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(a.keys() | b.keys(), key=_field_order)
             if a.get(k) != b.get(k)]
 
@@ -208,14 +196,14 @@ class Progress:
 # ------------------------------------------------------------------------------ replay
 
 
-def replay(folder: Path, records: list[dict], *, machine: str | None = None, since: float | None = None,
+def replay(folder: Path, records: list[Record], *, machine: str | None = None, since: float | None = None,
            progress: TextIO | None = None) -> Report:
     """Replay the archive in ``folder`` against ``records`` (the ledger's, already filtered
     by machine and start time); ``progress`` is where to draw a bar (None: nowhere)."""
     _warm_up()
     t_start = time.monotonic()
     rep = Report()
-    by_id = {r["record_id"]: r for r in records}
+    by_id = {r.record_id: r for r in records}
     seen: set[str] = set()
     paths = archive.files(folder, machine, None if since is None else archive.day_of(since))
     rep.files = len(paths)
@@ -238,22 +226,22 @@ def replay(folder: Path, records: list[dict], *, machine: str | None = None, sin
         done += len(data)
     if bar is not None:
         bar.close(done, rep.frames)
-    rep.without_frame = [r for r in records if r["record_id"] not in seen]
+    rep.without_frame = [r for r in records if r.record_id not in seen]
     rep.seconds = time.monotonic() - t_start
     return rep
 
 
-def _replay_frame(frame: archive.Frame, rec: dict | None, rep: Report) -> None:
+def _replay_frame(frame: archive.Frame, rec: Record | None, rep: Report) -> None:
     energy = recompute(frame)
     rep.samples += len(frame.inputs.t)
     diffs = [(f, "frame", a, b) for f, a, b in compare_result(frame, energy)]
     if rec is None:
         rep.without_record.append(frame)
     else:
-        rep.kernels.add(str(rec.get("provenance", {}).get("kernel")))
+        rep.kernels.add(rec.provenance.kernel)
         try:
             rebuilt = rebuild(frame, rec, energy)
-        except (KeyError, TypeError, ValueError, record.RecordError) as exc:
+        except (ValueError, RecordError) as exc:
             diffs.append(("record", "ledger", "unreadable", f"cannot be rebuilt: {exc}"))
         else:
             diffs += [(f, "ledger", a, b) for f, a, b in compare_record(rec, rebuilt)]
@@ -278,7 +266,7 @@ def summary(rep: Report, out: TextIO, limit: int = 50) -> None:
         out.write(f"no record for frame: {f.machine} {f.key} (record {f.record_id}) started "
                   f"{record.iso(f.start_wall)}\n")
     for r in rep.without_frame[:limit]:
-        out.write(f"no frame for record: {r['machine']} {r['job']['key']} (record {r['record_id']}) seq {r['seq']}\n")
+        out.write(f"no frame for record: {r.machine} {r.job.key} (record {r.record_id}) seq {r.seq}\n")
     if rep.kernels - {record.KERNEL}:
         out.write(f"note: records made by kernel(s) {', '.join(sorted(rep.kernels))}, replayed with {record.KERNEL}\n")
     torn = sum(p.kind == "torn" for p in rep.problems)

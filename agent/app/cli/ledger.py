@@ -14,6 +14,7 @@ from energy_agent.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from energy_agent.app.config import Loaded
+    from energy_agent.core.record import Record
 
 JOB_COLUMNS = ("machine", "seq", "job", "program", "serial", "start", "end", "kwh", "kgco2e", "method", "coverage")
 
@@ -44,13 +45,13 @@ def _existing_ledger(loaded: Loaded) -> Path:
     return path
 
 
-def _job_row(r: dict) -> dict:
+def _job_row(r: Record) -> dict:
     """One record as a row of JOB_COLUMNS (the table and csv formats)."""
     return {
-        "machine": r["machine"], "seq": r["seq"], "job": r["job"]["key"], "program": r["job"]["program"] or "",
-        "serial": r["job"]["serial"] or "", "start": r["start"], "end": r["end"],
-        "kwh": f"{r['energy']['kwh']:.6f}", "kgco2e": f"{r['emissions']['kgco2e']:.6f}",
-        "method": r["energy"]["method"], "coverage": f"{r['quality']['coverage']:.4f}",
+        "machine": r.machine, "seq": r.seq, "job": r.job.key, "program": r.job.program or "",
+        "serial": r.job.serial or "", "start": r.start, "end": r.end,
+        "kwh": f"{r.energy.kwh:.6f}", "kgco2e": f"{r.emissions.kgco2e:.6f}",
+        "method": r.energy.method, "coverage": f"{r.quality.coverage:.4f}",
     }
 
 
@@ -68,7 +69,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         ledger.close_sync()
     if args.format == "json":
         for r in recs:
-            print(json.dumps(r, ensure_ascii=False))
+            print(r.canonical().decode())
     elif args.format == "csv":
         w = csv.DictWriter(sys.stdout, fieldnames=JOB_COLUMNS)
         w.writeheader()
@@ -92,7 +93,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = verify_chain(recs, anchors)
     for p in problems:
         print(p)
-    print(f"{len(recs)} records, {len({r['machine'] for r in recs})} machines: "
+    print(f"{len(recs)} records, {len({r.machine for r in recs})} machines: "
           + ("chains intact" if not problems else f"{len(problems)} problems"))
     return EXIT_OK if not problems else EXIT_FAILURE
 
