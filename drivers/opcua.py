@@ -19,10 +19,15 @@ taken from its endpoint description and checked against the configured trust (a 
 certificate or a folder of trusted certificates or CAs) *before* a secure channel is opened or a
 password sent; an untrusted server is refused with its thumbprint in the error.
 
-A subscription that delivers neither data changes nor keep-alives for ``watchdog_intervals``
-publishing intervals (the server sends a keep-alive after ``KEEPALIVE_COUNT`` empty intervals)
-counts as a lost connection. On a lost connection the driver reconnects with capped backoff
-and logs once per outage. asyncua types and exceptions stay in this module.
+The subscription is made with the OPC UA services of asyncua's ``UaClient`` (CreateSubscription
+with a callback of ours, CreateMonitoredItems), so that every publish response reaches the driver
+whole, with its PublishTime: see :meth:`CncDriver._published`. A subscription that delivers
+neither data changes nor keep-alives for ``watchdog_intervals`` publishing intervals (the server
+sends a keep-alive after ``KEEPALIVE_COUNT`` empty intervals) counts as a lost connection.
+
+What a device or the network can cause (:data:`DEVICE_ERRORS`) makes the device unavailable: the
+driver logs once per outage and reconnects with capped backoff. Any other exception is a bug and
+ends :meth:`CncDriver.run`. asyncua types and exceptions stay in this module.
 """
 
 from __future__ import annotations
@@ -32,12 +37,10 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from asyncua import Client, ua
-from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
 from asyncua.crypto import security_policies, uacrypto
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -54,8 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_WINDOW_S = 0.005
-"""Notifications arriving within this many real seconds are applied as one batch."""
 KEEPALIVE_COUNT = 3
 """Publishing intervals without news after which the server sends a keep-alive."""
 MIN_WATCHDOG_S = 2.0
@@ -66,43 +67,15 @@ its ServerTimestamps). With the default ``settle_s``, an instant is complete at 
 publish response the server built more than this after the instant's first value reached it."""
 POLICIES = {"Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256}
 MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
+DEVICE_ERRORS: tuple[type[BaseException], ...] = (DeviceError, ua.UaError, OSError, asyncio.TimeoutError)
+"""What a device or the network can cause: our DeviceError, asyncua's UaError (a Bad status, a
+ServiceError, a message that does not parse), socket errors (ConnectionError and TimeoutError
+are OSErrors) and asyncio timeouts. Anything else raised while following a device is a bug."""
 
 
 def _epoch(stamp: datetime) -> float:
     """An OPC UA UtcTime as seconds since the epoch (a naive datetime is UTC)."""
     return (stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=timezone.utc)).timestamp()
-
-
-@dataclass(frozen=True)
-class _Published:
-    """Follows the events of one publish response in a subscription's event stream."""
-
-    at: float
-    """The server's PublishTime (s since the epoch): every change the server had queued by then
-    is in this response or an earlier one."""
-
-
-def _mark_publishes(sub: Any) -> bool:
-    """Have every publish response of ``sub`` followed, in its event stream, by a
-    :class:`_Published` with the response's PublishTime, which asyncua does not hand on with the
-    events: the callback the session calls for this subscription is wrapped. False (and
-    nothing changed) where asyncua is laid out differently; the driver then waits ``settle_s``."""
-    callbacks = getattr(sub.server, "_subscription_callbacks", None)
-    deliver = getattr(sub, "_deliver", None)
-    if not isinstance(callbacks, dict) or sub.subscription_id not in callbacks or not callable(deliver):
-        return False
-    inner = callbacks[sub.subscription_id]
-
-    async def publish_callback(result: ua.PublishResult) -> None:
-        await inner(result)
-        msg = result.NotificationMessage
-        # A status change may be made up by the client itself (connection lost): no server time.
-        if msg.PublishTime is not None and not any(
-                isinstance(n, ua.StatusChangeNotification) for n in msg.NotificationData or ()):
-            deliver(_Published(_epoch(msg.PublishTime)))
-
-    callbacks[sub.subscription_id] = publish_callback
-    return True
 
 
 async def read_values(client: Client, nodes: list[Any]) -> list[ua.DataValue]:
@@ -140,13 +113,13 @@ async def resolve_node_id(client: Client, text: NodeRef) -> ua.NodeId:
             raise DeviceError(f"node id {text!r}: nothing after the namespace URI")
         try:
             idx = await client.get_namespace_index(uri)
-        except ValueError:
-            raise DeviceError(f"namespace {uri!r} is not on the server") from None
+        except ValueError as exc:
+            raise DeviceError(f"namespace {uri!r} is not on the server") from exc
         text = f"ns={idx};{rest}"
     try:
         return ua.NodeId.from_string(text)
-    except Exception as exc:  # asyncua raises its own parsing errors
-        raise DeviceError(f"node id {text!r}: {exc}") from None
+    except ua.UaError as exc:  # UaStringParsingError
+        raise DeviceError(f"node id {text!r}: {exc}") from exc
 
 
 async def _browse_request(client: Client, path: BrowsePath, namespaces: list[str]) -> ua.BrowsePath | str:
@@ -213,7 +186,7 @@ def check_server_trust(device_id: str, endpoint: str, cert: x509.Certificate, se
                 if f.suffix.lower() in (".der", ".pem", ".crt", ".cer"):
                     trusted.append(load_certificate(f))
     except (OSError, ValueError) as exc:
-        raise DeviceError(f"{device_id}: security: cannot read the trusted certificates: {exc}") from None
+        raise DeviceError(f"{device_id}: security: cannot read the trusted certificates: {exc}") from exc
     der = _der(cert)
     for t in trusted:
         if _der(t) == der:
@@ -239,7 +212,7 @@ def _own_uri(device_id: str, sec: "CncSecurity") -> str:
     try:
         uri = certificate_uri(load_certificate(sec.certificate))
     except ValueError as exc:
-        raise DeviceError(f"{device_id}: security.certificate: {sec.certificate} is not a certificate: {exc}") from None
+        raise DeviceError(f"{device_id}: security.certificate: {sec.certificate} is not a certificate: {exc}") from exc
     if not uri:
         raise DeviceError(f"{device_id}: security.certificate: {sec.certificate} has no application URI "
                           "in its subjectAltName")
@@ -271,7 +244,7 @@ async def configure_security(client: Client, device_id: str, endpoint: str, sec:
         try:
             password = sec.password(f"{device_id}: security")
         except AgentError as exc:
-            raise DeviceError(str(exc)) from None
+            raise DeviceError(str(exc)) from exc
         client.set_user(sec.username)
         client.set_password(password or "")
     if sec.mode == "None":
@@ -282,8 +255,8 @@ async def configure_security(client: Client, device_id: str, endpoint: str, sec:
     try:
         await client.set_security(POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
                                   server_certificate=_der(server_cert), mode=MODES[sec.mode])
-    except (OSError, ValueError, TypeError) as exc:
-        raise DeviceError(f"{device_id}: security.private_key: cannot use {sec.private_key}: {exc}") from None
+    except (OSError, ValueError, TypeError) as exc:  # cryptography: TypeError for an encrypted key, no password
+        raise DeviceError(f"{device_id}: security.private_key: cannot use {sec.private_key}: {exc}") from exc
 
 
 class CncDriver:
@@ -335,8 +308,9 @@ class CncDriver:
         self.next_publish_s = 1.25 * self.clock.real_seconds(interval_s) + 0.05
         """Real seconds within which the server's next publish response comes (one interval and
         a margin for timer and transport jitter): how long an instant whose response was built
-        within WRITE_SPREAD_S of it waits, when publish times are seen, for the rest of it."""
-        self._marked = False
+        within WRITE_SPREAD_S of it waits, with ``by_publish_time``, for the rest of it."""
+        self._last_response = 0.0
+        """time.monotonic() of the last publish response (data, keep-alive or status)."""
         self.settled = {"publish": 0, "quiet": 0}
         """Instants handed over at the end of a publish response (by PublishTime, or every one
         with settle_s 0) and after a quiet period."""
@@ -393,7 +367,7 @@ class CncDriver:
                 self.settled["publish"] += 1
                 self._flush()
             else:
-                wait = self.next_publish_s if self._marked and not self._pending_unstamped else self.quiet_s
+                wait = self.next_publish_s if self.by_publish_time and not self._pending_unstamped else self.quiet_s
                 self._flush_timer = asyncio.get_running_loop().call_later(wait, self._quiet)
 
     def _quiet(self) -> None:
@@ -466,7 +440,7 @@ class CncDriver:
                 if optional:
                     log.info("%s: optional point %s (%s) not on the server: %s", self.device_id, q, text, exc)
                     continue
-                raise DeviceError(f"{self.device_id}: node {text} for {q!r} not readable: {exc}") from None
+                raise DeviceError(f"{self.device_id}: node {text} for {q!r} not readable: {exc}") from exc
             nodes[q] = node
         self.resolved = {q: node.nodeid.to_string() for q, node in nodes.items()}
         return nodes
@@ -485,82 +459,107 @@ class CncDriver:
         self._apply(changes)
         self._flush()
 
-    def watchdog_s(self, period_s: float) -> float:
+    def watchdog_s(self, period_s: float, keepalive_count: int = KEEPALIVE_COUNT) -> float:
         """Real seconds without a publish response (data or keep-alive) after which the
         subscription counts as lost: watchdog_intervals publishing intervals, at least
-        KEEPALIVE_COUNT + 2 of them and MIN_WATCHDOG_S."""
-        return max(max(self.watchdog_intervals, KEEPALIVE_COUNT + 2) * period_s, MIN_WATCHDOG_S)
+        ``keepalive_count`` (as the server revised it) + 2 of them and MIN_WATCHDOG_S."""
+        return max(max(self.watchdog_intervals, keepalive_count + 2) * period_s, MIN_WATCHDOG_S)
 
-    @staticmethod
-    async def _silence(sub: Any, since: float) -> float:
-        """Real seconds since the subscription's last publish response (or ``since``). Responses
-        already received but not yet processed (our own event loop was busy) are let in first."""
+    async def _silence(self) -> float:
+        """Real seconds since the subscription's last publish response. Responses already
+        received but not yet processed (our own event loop was busy) are let in first."""
         for _ in range(5):
             await asyncio.sleep(0)
-        return time.monotonic() - max(since, sub.last_publish_at or since)
+        return time.monotonic() - self._last_response
+
+    def _take(self, result: ua.PublishResult, points: dict[int, str]) -> None:
+        """Apply one publish response: its data changes as one batch, then its PublishTime. A
+        status change (the server's, or the client's own when the connection is lost) ends the
+        subscription."""
+        msg = result.NotificationMessage
+        changes = []
+        for data in msg.NotificationData or ():
+            if isinstance(data, ua.StatusChangeNotification):
+                raise DeviceError(f"{self.device_id}: subscription status {data.Status}")
+            if not isinstance(data, ua.DataChangeNotification):
+                continue
+            for item in data.MonitoredItems:
+                q = points.get(item.ClientHandle)
+                if q is None:
+                    continue
+                dv = item.Value
+                good = dv.StatusCode is None or dv.StatusCode.is_good()
+                value = dv.Value.Value if dv.Value is not None else None
+                srv = dv.ServerTimestamp
+                changes.append((q, value, dv.SourceTimestamp, good, None if srv is None else _epoch(srv)))
+        if changes:
+            self._apply(changes)
+        if msg.PublishTime is not None:
+            self._published(_epoch(msg.PublishTime))
+
+    async def _subscribe(self, client: Client, nodes: dict[str, Any],
+                         arrived: Callable[[ua.PublishResult], None]) -> tuple[ua.CreateSubscriptionResult, dict[int, str]]:
+        """Create a subscription whose publish responses go to ``arrived``, and a monitored item
+        (its value, with both timestamps, queued on the server) per point. Returns the server's
+        revised parameters and the point of each client handle.
+
+        asyncua's ``Subscription`` (Client.create_subscription) hands on the notifications of a
+        response but not its PublishTime, so its services are called directly, as asyncua's
+        Client documentation advises for more control. Its stale-subscription check, which only
+        watches subscriptions made by Client.create_subscription, then leaves this one to the
+        driver's own watchdog."""
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=self.clock.real_seconds(self.interval_s) * 1000.0,
+            RequestedLifetimeCount=10000, RequestedMaxKeepAliveCount=KEEPALIVE_COUNT,
+            MaxNotificationsPerPublish=10000, PublishingEnabled=True, Priority=0)
+        created = await client.uaclient.create_subscription(params, arrived)
+        points = dict(enumerate(nodes, start=1))
+        items = [ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(NodeId=nodes[q].nodeid, AttributeId=ua.AttributeIds.Value),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=ua.MonitoringParameters(ClientHandle=handle, SamplingInterval=0.0, QueueSize=100,
+                                                        DiscardOldest=True))
+            for handle, q in points.items()]
+        request = ua.CreateMonitoredItemsParameters(SubscriptionId=created.SubscriptionId, ItemsToCreate=items,
+                                                    TimestampsToReturn=ua.TimestampsToReturn.Both)
+        results = await client.uaclient.create_monitored_items(request)
+        for q, res in zip(points.values(), results):
+            if not res.StatusCode.is_good():
+                raise DeviceError(f"{self.device_id}: the server does not monitor {q!r} "
+                                  f"({self.resolved.get(q, '?')}): {res.StatusCode.name}")
+        return created, points
 
     async def _follow_subscription(self, client: Client, nodes: dict[str, Any], stop: asyncio.Event) -> None:
-        by_node = {node.nodeid: q for q, node in nodes.items()}
-        params = ua.CreateSubscriptionParameters()
-        params.RequestedPublishingInterval = self.clock.real_seconds(self.interval_s) * 1000.0
-        params.RequestedMaxKeepAliveCount = KEEPALIVE_COUNT
-        params.RequestedLifetimeCount = 10000
-        params.MaxNotificationsPerPublish = 10000
-        params.PublishingEnabled = True
-        params.Priority = 0
-        sub = await client.create_subscription(params, None, queue_maxsize=10000)
-        self._marked = marked = self.by_publish_time and _mark_publishes(sub)
-        if self.by_publish_time and not marked:
-            log.warning("%s: publish times not available from this asyncua; an instant is handed over after "
-                        "settle_s (%.3g real s of quiet)", self.device_id, self.quiet_s)
-        async with sub:
-            await sub.subscribe_data_change(list(nodes.values()), queuesize=100, sampling_interval=0)
-            period_s = params.RequestedPublishingInterval / 1000.0
-            limit = self.watchdog_s(period_s)
-            if hasattr(client, "_stale_check_margin"):
-                # asyncua's own stale-subscription check (recreate, then reconnect, with an error
-                # and a traceback in the log) would race this one: it waits twice as long.
-                client._stale_check_margin = 2.0 * limit / (period_s * KEEPALIVE_COUNT)
-            since = time.monotonic()
-            self.subscribed = True
-            while not stop.is_set():
-                first = await sub.next_event(timeout=min(self.timeout_s, limit / 4))
-                if first is None:  # quiet: the server must still publish keep-alives
-                    silent = await self._silence(sub, since)
-                    if silent > limit:
-                        self.watchdog_trips += 1
-                        raise DeviceError(
-                            f"{self.device_id}: subscription silent for {silent:.1f} s: no data change or keep-alive "
-                            f"(limit {limit:.1f} s: {self.watchdog_intervals:g} publishing intervals of "
-                            f"{period_s:.3g} s, at least {MIN_WATCHDOG_S:g} s)")
-                    continue
-                batch = [first]
-                while len(batch) < 1000:
-                    ev = await sub.next_event(timeout=BATCH_WINDOW_S)
-                    if ev is None:
-                        break
-                    batch.append(ev)
-                changes = []
-                for ev in batch:
-                    if isinstance(ev, _Published):
-                        if changes:
-                            self._apply(changes)
-                            changes = []
-                        self._published(ev.at)
-                        continue
-                    if isinstance(ev, StatusChangeEvent):
-                        raise DeviceError(f"{self.device_id}: subscription status {ev.notification.Status}")
-                    if not isinstance(ev, DataChangeEvent):
-                        continue
-                    q = by_node.get(ev.node.nodeid)
-                    if q is None:
-                        continue
-                    dv = ev.data.monitored_item.Value
-                    good = dv.StatusCode is None or dv.StatusCode.is_good()
-                    srv = dv.ServerTimestamp
-                    changes.append((q, ev.value, dv.SourceTimestamp, good, None if srv is None else _epoch(srv)))
-                if changes:
-                    self._apply(changes)
+        """Apply each publish response as it comes, until ``stop``, a status change or silence.
+        asyncua's publish loop calls ``arrived``, which only queues the response: the work is
+        done in this task, so that an error in it ends :meth:`run` instead of being logged and
+        dropped by asyncua. Closing the session deletes the subscription."""
+        responses: asyncio.Queue[ua.PublishResult] = asyncio.Queue()
+
+        def arrived(result: ua.PublishResult) -> None:
+            self._last_response = time.monotonic()
+            responses.put_nowait(result)
+
+        created, points = await self._subscribe(client, nodes, arrived)
+        period_s = created.RevisedPublishingInterval / 1000.0
+        limit = self.watchdog_s(period_s, created.RevisedMaxKeepAliveCount)
+        self._last_response = time.monotonic()
+        self.subscribed = True
+        while not stop.is_set():
+            try:
+                result = await asyncio.wait_for(responses.get(), min(self.timeout_s, limit / 4))
+            except asyncio.TimeoutError:
+                result = None
+            if result is not None:
+                self._take(result, points)
+                continue
+            silent = await self._silence()  # quiet: the server must still publish keep-alives
+            if silent > limit:
+                self.watchdog_trips += 1
+                raise DeviceError(
+                    f"{self.device_id}: subscription silent for {silent:.1f} s: no data change or keep-alive "
+                    f"(limit {limit:.1f} s: {self.watchdog_intervals:g} publishing intervals of "
+                    f"{period_s:.3g} s, at least {MIN_WATCHDOG_S:g} s)")
 
     async def _follow_polling(self, client: Client, nodes: dict[str, Any], stop: asyncio.Event) -> None:
         names = list(nodes)
@@ -585,7 +584,9 @@ class CncDriver:
         await configure_security(client, self.device_id, self.endpoint, self.security)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Connect, follow, reconnect; returns when ``stop`` is set."""
+        """Connect, follow, reconnect; returns when ``stop`` is set. A :data:`DEVICE_ERRORS`
+        error makes the device unavailable until a reconnect succeeds; any other exception
+        (a bug: ours, in ``emit``, or in asyncua) ends the run with it."""
         backoff = 0.0
         down_since: float | None = None
         # asyncua probes the server every watchdog_intervall; in subscribe mode the keep-alive
@@ -611,15 +612,13 @@ class CncDriver:
                     else:
                         await self._follow_polling(client, nodes, stop)
                 finally:
-                    self.subscribed = self._marked = False
+                    self.subscribed = False
                     self._flush()
                     try:
                         await asyncio.wait_for(client.disconnect(), self.timeout_s)
-                    except Exception:  # the connection may already be gone
+                    except DEVICE_ERRORS:  # the connection may already be gone
                         pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # asyncua, OSError, timeouts: all mean "device unavailable"
+            except DEVICE_ERRORS as exc:
                 self.available = False
                 if down_since is None:
                     down_since = asyncio.get_running_loop().time()

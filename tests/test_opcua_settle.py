@@ -128,11 +128,14 @@ async def test_split_instants_are_merged_and_handed_over_at_the_publish_after_th
     assert drivers[1].settled["quiet"] == 0
 
 
-async def test_no_publish_time_hook_falls_back_to_the_quiet_period(monkeypatch):
-    """Where asyncua does not let the driver see PublishTime, it waits settle_s as before."""
-    monkeypatch.setattr(opcua, "_mark_publishes", lambda sub: False)
+async def test_a_settle_s_of_its_own_waits_for_quiet_and_keeps_instants_whole():
+    """A number for settle_s is a quiet period (here the default's, 1.5 intervals + 0.05 real s):
+    on the same server every instant is whole, handed over by the quiet period or by the next
+    instant, never by a publish time."""
     s = _scenario()
     truth, _ = _truth(s)
-    (d,), (seen,), _ = await _follow(s, [None], FIRST_S + 4 * EVERY_S + 5.0)
+    settle_s = 1.5 * INTERVAL_S + 0.05 * SPEED
+    (d,), (seen,), _ = await _follow(s, [settle_s], FIRST_S + 4 * EVERY_S + 5.0)
+    assert not d.by_publish_time
     assert seen[:12] == truth[:12]  # four jobs, each instant whole
     assert d.settled["publish"] == 0 and d.settled["quiet"] > 0
