@@ -45,6 +45,9 @@ from energy_agent.simulators.services import InfluxDB1, Mosquitto
 from tests import factories
 
 SITE, AGENT, PREFIX = "bench", "gw", "energy/v1"
+FLOOR = 1000
+"""records/s end to end the drain must reach (issue 19): a week-long outage of a 200-machine
+plant (~200,000 records) then drains in under 3.5 minutes."""
 POLL_S = 0.05
 """How often phase 2 asks InfluxDB and the ledger whether everything landed (only once the
 outbox is empty: nothing can be complete before that)."""
@@ -262,9 +265,11 @@ def main() -> int:
         print("\nwhere the bridge spends its time in phase 2 (py-spy):")
         print(bl.pyspy_report(workdir / "bridge-pyspy.txt", 15))
     print()
-    print(f"figure: broker drain {rate1:.0f} records/s" + (
-        f", end to end into InfluxDB {args.records / t_influx:.0f} records/s" if "influx" in results else "")
-        + " (goal >= 5000/s)")
+    line = f"figure: broker drain {rate1:.0f} records/s"
+    if "influx" in results:
+        rate2 = args.records / t_influx
+        line += f", end to end into InfluxDB {rate2:.0f} records/s ({rate2 / rate1:.2f} of the broker drain)"
+    print(line + f" (floor: end to end >= {FLOOR} records/s)")
     print(f"command: {bl.command_line()}")
     return 0
 

@@ -1,16 +1,19 @@
 """A small asyncio adapter over paho-mqtt 2.x (paho's own network thread, no aiomqtt).
 
-paho's thread hands its events to the event loop (``call_soon_threadsafe``, once per burst); all state
-lives on the loop side. Nothing from paho crosses this module: failures become
+Only paho's public API is used (its client methods, its callbacks, ``MQTTMessage``,
+``Properties``, ``ReasonCode``), so any paho-mqtt 2.x with that API will do. paho's thread
+hands its events to the event loop (``call_soon_threadsafe``, once per burst); all state lives
+on the loop side. Nothing from paho crosses this module: failures become
 :class:`DeliveryError`.
 
 * ``publish`` returns only when the broker has acknowledged the message (PUBACK for QoS 1), so
   a caller can mark a record sent knowing the broker has it. Many publishes may be awaited at
-  once (``asyncio.gather``): paho keeps up to ``max_inflight`` on the wire and queues the rest.
-  While disconnected, ``publish`` fails at once (nothing piles up inside paho), and a
-  connection loss fails every publish still waiting for its PUBACK. A publish that failed may
-  still reach the broker later (paho resends what was on the wire when it reconnects): callers
-  must treat "failed" as "maybe delivered" — records are idempotent, so a retry is harmless.
+  once (``asyncio.gather``, or :meth:`MqttClient.publish_many`): paho keeps up to
+  ``max_inflight`` on the wire and queues the rest. While disconnected, ``publish`` fails at
+  once (nothing piles up inside paho), and a connection loss fails every publish still waiting
+  for its PUBACK. A publish that failed may still reach the broker later (paho resends what was
+  on the wire when it reconnects): callers must treat "failed" as "maybe delivered" — records
+  are idempotent, so a retry is harmless.
 * Subscribers may take acknowledgement into their own hands (``manual_ack=True``): a message
   is then acknowledged only when :meth:`MqttClient.ack` is called, e.g. after it was written to
   a database. A message received on an earlier connection is never acknowledged: the broker
@@ -18,9 +21,8 @@ lives on the loop side. Nothing from paho crosses this module: failures become
 * Sessions are persistent by default (MQTT 5 clean start off with a session expiry), so a
   subscriber that reconnects gets what was queued for it meanwhile. Subscriptions are kept and
   issued again on every reconnect. paho reconnects by itself with capped backoff.
-* paho's network thread works in batches (:class:`_Client`: joined writes, read-ahead, plain
-  PUBACKs and PUBLISHes decoded without per-message objects), relying on paho-mqtt 2.2.0
-  internals that :func:`check_paho` verifies when a client is created.
+* A message whose topic is not valid UTF-8 (a broker should never pass one on) is dropped with
+  a log line, and acknowledged so that it does not come back.
 * An outage is logged once when it starts (WARNING, with the cause) and once when it ends
   (INFO, with how long it lasted); never per message.
 """
@@ -28,11 +30,6 @@ lives on the loop side. Nothing from paho crosses this module: failures become
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import hashlib
-import importlib.metadata
-import inspect
 import logging
 import socket
 import ssl
@@ -43,7 +40,6 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from energy_agent.core.errors import DeliveryError
 
@@ -74,213 +70,6 @@ class Tls:
     key_file: str | None = None
 
 
-# ------------------------------------------------------------------ paho, batched on the wire
-
-READ_AHEAD = 256 * 1024
-"""Bytes asked of the socket per read: paho reads every packet in three calls (type, length,
-body); from a buffer that is three slices, not three system calls (each of which hands the GIL
-away and waits to get it back)."""
-READ_BURST = 1000
-"""Packets paho's thread reads per wake-up at least (paho's own bound is the number of messages
-it has in flight: 1 for a subscriber, so a select and a keep-alive check per message)."""
-WRITE_MAX = 256 * 1024
-"""Bytes of queued packets joined into one socket send."""
-
-PAHO_TESTED = "2.2.0"
-PAHO_INTERNALS = {
-    # paho.mqtt.client.Client methods _Client overrides or relies on, by a hash of their source
-    # (see check_paho): what they do with _sock, _out_packet, _out_messages and the in-flight count.
-    "_create_socket": "3043436f2eb23690", "reconnect": "3ecdf1a8299e8c8a", "_loop": "7372a4c2fc81b7f4",
-    "loop_read": "4fa11ca2d451dbec", "_packet_read": "bbe32d8af1e37955", "_sock_recv": "c3b9043a46dd81b7",
-    "_sock_send": "300d9f1031bd0dbd", "_sock_close": "638e9c4e5a7f32ae", "_packet_write": "d097b7b51bed128d",
-    "_packet_queue": "e298fa9ab31e5f79", "_update_inflight": "d11feb21cf855b12",
-    "_do_on_publish": "5bbcad6f9447107a", "publish": "5c00cd3dcebceaae",
-    "_messages_reconnect_reset_out": "464a42c69618a49b", "loop_start": "c0334ed74b61fcda",
-    "ack": "92f83b7a84a46b21", "_send_command_with_mid": "1a771678b66dc9e4",
-}
-
-
-def paho_differences(cls: type = paho.Client, version: str | None = None) -> list[str]:
-    """What differs from the paho-mqtt this module's _Client was written against: the version,
-    and each relied-on method whose source changed (empty: all as expected)."""
-    if version is None:
-        version = importlib.metadata.version("paho-mqtt")
-    out = [] if version == PAHO_TESTED else [f"version {version} (tested: {PAHO_TESTED})"]
-    for name, expected in PAHO_INTERNALS.items():
-        fn = getattr(cls, name, None)
-        try:
-            got = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
-        except (TypeError, OSError):
-            got = None
-        if got != expected:
-            out.append(f"Client.{name} " + ("missing or without source" if got is None else "changed"))
-    return out
-
-
-@functools.cache
-def check_paho() -> None:
-    """Refuse to start on a paho whose internals _Client relies on have changed (once per process)."""
-    diff = paho_differences()
-    if diff:
-        raise DeliveryError(f"paho-mqtt {importlib.metadata.version('paho-mqtt')} differs from what energy_agent.delivery.mqtt "
-                            f"relies on: {'; '.join(diff)}. Install paho-mqtt=={PAHO_TESTED} or review "
-                            "energy_agent.delivery.mqtt._Client against the new version and update PAHO_INTERNALS")
-
-
-_PUBACK_OK = {0x00: ReasonCode(PacketTypes.PUBACK, identifier=0x00),  # success
-              0x10: ReasonCode(PacketTypes.PUBACK, identifier=0x10)}  # success, no matching subscribers
-_NO_PROPERTIES = {PacketTypes.PUBACK: Properties(PacketTypes.PUBACK), PacketTypes.PUBLISH: Properties(PacketTypes.PUBLISH)}
-"""Shared by every message that has none: the callbacks here never read or change them."""
-
-
-class _ReadAhead:
-    """The broker connection read READ_AHEAD bytes at a time, handed out as paho asks for them.
-
-    ``pending`` counts what is buffered (paho asks it of TLS sockets too): paho's loop then
-    reads on without waiting in select for data that already arrived."""
-
-    __slots__ = ("_sock", "_buf", "_pos")
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._buf = b""
-        self._pos = 0
-
-    def recv(self, n: int) -> bytes:
-        pos = self._pos
-        if pos < len(self._buf):
-            self._pos = pos + n
-            return self._buf[pos:pos + n]
-        data = self._sock.recv(max(n, READ_AHEAD))  # BlockingIOError etc. go to paho as they are
-        if len(data) <= n:
-            self._buf, self._pos = b"", 0
-            return data
-        self._buf, self._pos = data, n
-        return data[:n]
-
-    def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return max(0, len(self._buf) - self._pos) + (inner() if inner is not None else 0)
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-class _Client(paho.Client):
-    """paho's client with its network thread working in batches (checked by check_paho):
-
-    * reads: one socket read for many packets (_ReadAhead), and up to READ_BURST packets per
-      wake-up;
-    * writes: the packets queued since the last write go out in one send (up to WRITE_MAX
-      bytes) instead of one send each (a drain queues hundreds at once, a bridge acks hundreds);
-    * PUBACKs: paho looks for a queued message to send in its place by walking every message
-      still awaiting its PUBACK, once per PUBACK; with none queued (the usual case: the
-      publisher never has more than max_inflight out) that walk is skipped.
-    Packets, their order, message ids, the in-flight limit and the PUBACK bookkeeping are paho's.
-    """
-
-    def _create_socket(self):
-        sock = super()._create_socket()
-        return sock if self._transport == "websockets" else _ReadAhead(sock)
-
-    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
-        if self._sock is None:
-            return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
-        for _ in range(len(self._out_messages) + len(self._in_messages) + READ_BURST):
-            if self._sock is None:
-                return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = self._packet_read()
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-            if rc == paho.MQTTErrorCode.MQTT_ERR_AGAIN:
-                break
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _packet_write(self) -> paho.MQTTErrorCode:
-        _join_queued(self._out_packet)
-        return super()._packet_write()
-
-    def _handle_pubackcomp(self, cmd):
-        # The usual PUBACK (message id, a reason code below 0x80 or none, no properties) is
-        # handled here with shared ReasonCode and Properties objects rather than new ones per
-        # message; any other by paho (which also reports what is malformed).
-        packet = self._in_packet["packet"]
-        n = len(packet)
-        if n == 2:
-            reason = 0
-        elif self._protocol == paho.MQTTv5 and (n == 3 or (n == 4 and packet[3] == 0)):
-            reason = packet[2]
-        else:
-            reason = None
-        if cmd != "PUBACK" or reason not in _PUBACK_OK:
-            return super()._handle_pubackcomp(cmd)
-        mid = (packet[0] << 8) | packet[1]
-        with self._out_message_mutex:
-            if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_OK[reason], _NO_PROPERTIES[PacketTypes.PUBACK])
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _handle_publish(self):
-        # An MQTT 5 QoS 1 PUBLISH without properties (what the agent sends, as the broker passes
-        # it on) is decoded here without a Properties object per message; anything else by paho.
-        header = self._in_packet["command"]
-        packet = self._in_packet["packet"]
-        if self._protocol != paho.MQTTv5 or header & 0x06 != 0x02 or len(packet) < 2:
-            return super()._handle_publish()
-        end = 2 + ((packet[0] << 8) | packet[1])  # topic
-        if end == 2 or end + 2 >= len(packet) or packet[end + 2] != 0:
-            return super()._handle_publish()  # topic alias, properties, or malformed: paho says so
-        message = paho.MQTTMessage(mid=(packet[end] << 8) | packet[end + 1], topic=bytes(packet[2:end]))
-        message.dup = bool(header & 0x08)
-        message.qos = 1
-        message.retain = bool(header & 0x01)
-        message.properties = _NO_PROPERTIES[PacketTypes.PUBLISH]
-        message.payload = bytes(packet[end + 3:])
-        message.timestamp = paho.time_func()
-        self._handle_on_message(message)
-        if self._manual_ack:
-            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-        return self._send_puback(message.mid)
-
-    def _update_inflight(self) -> paho.MQTTErrorCode:
-        # Every message in _out_messages is either in flight (counted) or waiting (queued, or
-        # unsent for want of a connection): as many counted as stored means none waits.
-        if len(self._out_messages) <= self._inflight_messages:
-            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super()._update_inflight()
-
-
-def _join_queued(queue) -> None:
-    """Replace the packets at the head of paho's write queue by packets of up to WRITE_MAX bytes
-    each joining many of them.
-
-    Only packets paho does nothing with once written are joined (not QoS 0 PUBLISH, whose
-    sending completes its publish, nor DISCONNECT); a packet partly written stays as it is.
-    Runs on paho's thread, the only one taking from the left of the queue (others append)."""
-    if len(queue) < 2 or queue[0]["pos"]:
-        return
-    chunks: list[list[dict]] = [[]]
-    size = 0
-    while queue:
-        pkt = queue.popleft()
-        kind = pkt["command"] & 0xF0
-        if pkt["pos"] or kind == paho.DISCONNECT or (kind == paho.PUBLISH and pkt["qos"] == 0):
-            queue.appendleft(pkt)
-            break
-        if size >= WRITE_MAX:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(pkt)
-        size += len(pkt["packet"])
-    for chunk in reversed(chunks):
-        if len(chunk) < 2:
-            queue.extendleft(chunk)
-            continue
-        data = b"".join([pkt["packet"] for pkt in chunk])
-        queue.appendleft({"command": 0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data,
-                          "info": None})
-
-
 class MqttClient:
     def __init__(self, *, host: str, port: int, client_id: str, keepalive: int = 30, clean_start: bool = False,
                  session_expiry_s: int = 7 * 24 * 3600, username: str | None = None, password: str | None = None,
@@ -299,13 +88,12 @@ class MqttClient:
         self.receive_maximum = receive_maximum
         self.v5 = protocol == "5"
         self.manual_ack = manual_ack
-        check_paho()
-        self._c = _Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+        self._c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                               protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
                               clean_session=None if self.v5 else clean_start, manual_ack=manual_ack)
         self._c.reconnect_delay_set(reconnect_min_s, reconnect_max_s)
         self._c.max_inflight_messages_set(max_inflight)
-        self._c.max_queued_messages_set(0)  # bounded anyway: publish refuses while disconnected
+        self._c.max_queued_messages_set(0)  # unbounded, and bounded anyway: publish refuses while disconnected
         if username is not None:
             self._c.username_pw_set(username, password)
         if tls:
@@ -319,7 +107,8 @@ class MqttClient:
             try:
                 self._c.will_set(*will)
             except (ValueError, TypeError) as exc:
-                raise DeliveryError(f"{self.where}: will {will[0]!r}: {exc}") from None
+                raise DeliveryError(f"{self.where}: will {will[0]!r}: {exc}") from exc
+        self._c.on_pre_connect = self._cb_pre_connect
         self._c.on_connect = self._cb_connect
         self._c.on_connect_fail = self._cb_connect_fail
         self._c.on_disconnect = self._cb_disconnect
@@ -330,13 +119,18 @@ class MqttClient:
         self._events: list[tuple] = []
         self._events_lock = threading.Lock()
         self._wake_pending = False
+        self._generation = 0
+        """Which connection paho's thread is on: bumped (under _generation_lock) when one ends and
+        before the next begins. A message remembers the generation it arrived on; ack sends its
+        PUBACK only while that connection lasts (see _ack_locked)."""
+        self._generation_lock = threading.Lock()
         self._connected = asyncio.Event()
         self._refused = asyncio.Event()
         self._pending: dict[int, asyncio.Future] = {}
         self._pending_subs: dict[int, tuple[str, asyncio.Future | None]] = {}
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._subs: dict[str, int] = {}
-        self._unacked: dict[int, Message] = {}
+        self._unacked: dict[int, tuple[Message, int]] = {}
         self._started = False
         self._closing = False
         self._ever_connected = False
@@ -349,6 +143,8 @@ class MqttClient:
         self.connections = 0
         """Connections made so far (CONNACKs): watch it to act once per new connection."""
         self.session_present = False
+        self.bad_topics = 0
+        """Messages dropped because their topic was not valid UTF-8."""
 
     # ------------------------------------------------------------ paho thread → loop
 
@@ -356,8 +152,7 @@ class MqttClient:
         """Queue an event for the loop, in order. Events arriving in a burst (a PUBACK per
         record while the outbox drains, a message per record in the bridge) wake the loop once,
         not once each: the loop runs them all in one callback, and while they keep coming it
-        collects them every EVENT_POLL_S instead of being woken again (a wake per message cost
-        the bridge about as much as decoding the message)."""
+        collects them every EVENT_POLL_S instead of being woken again."""
         loop = self._loop
         if loop is None:
             return
@@ -381,8 +176,15 @@ class MqttClient:
         for fn, args in events:
             try:
                 fn(*args)
-            except Exception:  # noqa: BLE001 - one bad event must not swallow the ones after it
+            except Exception:  # one bad event must not swallow the ones after it
                 log.exception("%s: handling a client event failed", self.where)
+
+    def _next_generation(self) -> None:
+        with self._generation_lock:
+            self._generation += 1
+
+    def _cb_pre_connect(self, client, userdata) -> None:
+        self._next_generation()
 
     def _cb_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -394,6 +196,7 @@ class MqttClient:
         self._post(self._on_connect_fail)
 
     def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._next_generation()
         self._post(self._on_down, getattr(reason_code, "value", None), str(reason_code),
                    bool(flags.is_disconnect_packet_from_server))
 
@@ -405,15 +208,22 @@ class MqttClient:
         self._post(self._on_suback, mid, failures)
 
     def _cb_message(self, client, userdata, msg) -> None:
+        # Runs on paho's thread, which an exception would stop: the topic is decoded here.
         try:
             topic = msg.topic
-        except UnicodeDecodeError:  # brokers check this; never let it kill paho's thread
-            topic = bytes(msg._topic).decode("utf-8", "replace")
-        self._post(self._on_message, Message(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain)))
+        except UnicodeDecodeError as exc:
+            self._post(self._on_bad_topic, msg.mid, msg.qos, self._generation, str(exc))
+            return
+        self._post(self._on_message, Message(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain)),
+                   self._generation)
 
     # ------------------------------------------------------------ loop side
 
     def _on_up(self, session_present: bool) -> None:
+        if self._connected.is_set():
+            # paho lost the last connection without an on_disconnect (its socket went away under
+            # its select): the same as a loss reported in order.
+            self._mark_down("connection lost")
         self.session_present = session_present
         self.connections += 1
         if not self._ever_connected:
@@ -506,23 +316,41 @@ class MqttClient:
         elif fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Message, generation: int) -> None:
         if self.manual_ack and msg.qos > 0:
-            self._unacked[msg.mid] = msg
+            self._unacked[msg.mid] = (msg, generation)
         self._queue.put_nowait(msg)
+
+    def _on_bad_topic(self, mid: int, qos: int, generation: int, why: str) -> None:
+        self.bad_topics += 1
+        log.log(logging.WARNING if self.bad_topics == 1 else logging.DEBUG,
+                "%s: dropped message %d: its topic is not valid UTF-8 (%s)%s", self.where, mid, why,
+                "; further ones are logged at DEBUG" if self.bad_topics == 1 else "")
+        if self.manual_ack and qos > 0:
+            with self._generation_lock:
+                self._ack_locked(mid, qos, generation)
 
     def _send_subscribe(self, topic: str, qos: int, fut: asyncio.Future | None) -> bool:
         """Send SUBSCRIBE now; False when paho has no connection (it is sent on reconnect)."""
         try:
             rc, mid = self._c.subscribe(topic, qos)
         except ValueError as exc:
-            raise DeliveryError(f"{self.where}: subscribe {topic!r}: {exc}") from None
+            raise DeliveryError(f"{self.where}: subscribe {topic!r}: {exc}") from exc
         if rc == paho.MQTT_ERR_NO_CONN:
             return False
         if rc != paho.MQTT_ERR_SUCCESS:
             raise DeliveryError(f"{self.where}: subscribe {topic}: {paho.error_string(rc)}")
         self._pending_subs[mid] = (topic, fut)
         return True
+
+    def _ack_locked(self, mid: int, qos: int, generation: int) -> None:
+        """PUBACK a message if paho is still on the connection it arrived on (the caller holds
+        _generation_lock). paho's thread bumps the generation in on_disconnect and on_pre_connect,
+        before it clears its output queue for a new connection: an ack queued on the old
+        generation is either written on the old connection or dropped with it, never sent on the
+        new one, where the message id may belong to another message."""
+        if generation == self._generation:
+            self._c.ack(mid, qos)
 
     # ------------------------------------------------------------ API
 
@@ -542,8 +370,8 @@ class MqttClient:
             raise DeliveryError(f"{self.where}: not started (call connect first)")
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise DeliveryError(f"{self.where}: not connected after {timeout:g} s: {self._last_error}") from None
+        except asyncio.TimeoutError as exc:
+            raise DeliveryError(f"{self.where}: not connected after {timeout:g} s: {self._last_error}") from exc
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Start the network thread (once) and wait for the broker's CONNACK.
@@ -585,6 +413,20 @@ class MqttClient:
         detail = await asyncio.to_thread(_probe, self.host, self.port)
         raise DeliveryError(f"{self.where}: not connected after {timeout:g} s: {detail}")
 
+    def _publish_now(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+        """Hand a message to paho; its message id, or DeliveryError when it cannot be sent."""
+        if not self.connected:
+            raise DeliveryError(f"{self.where}: publish to {topic}: not connected ({self._last_error})")
+        try:
+            info = self._c.publish(topic, payload, qos=qos, retain=retain)
+        except (ValueError, TypeError) as exc:  # bad topic, payload too large
+            raise DeliveryError(f"{self.where}: publish to {topic!r}: {exc}") from exc
+        # NO_CONN: paho's thread lost the connection before the loop heard of it; paho keeps the
+        # message and resends it on reconnect, and the loss fails this publish on the loop.
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise DeliveryError(f"{self.where}: publish to {topic}: {paho.error_string(info.rc)}")
+        return info.mid
+
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                       timeout: float = 10.0) -> None:
         """Publish and return when the broker has acknowledged it (QoS 1: PUBACK).
@@ -592,27 +434,20 @@ class MqttClient:
         DeliveryError when not connected, when the connection is lost before the PUBACK, when
         the broker refuses the message, or after ``timeout`` seconds.
         """
-        if not self.connected:
-            raise DeliveryError(f"{self.where}: publish to {topic}: not connected ({self._last_error})")
-        try:
-            info = self._c.publish(topic, payload, qos=qos, retain=retain)
-        except (ValueError, TypeError) as exc:  # bad topic, payload too large
-            raise DeliveryError(f"{self.where}: publish to {topic!r}: {exc}") from None
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            raise DeliveryError(f"{self.where}: publish to {topic}: {paho.error_string(info.rc)}")
+        mid = self._publish_now(topic, payload, qos, retain)
         if qos == 0:
             return
         # paho's thread may already have the PUBACK, but it reaches us through the loop: after this.
         fut = asyncio.get_running_loop().create_future()
-        self._pending[info.mid] = fut
+        self._pending[mid] = fut
         try:
             await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
             raise DeliveryError(f"{self.where}: publish to {topic}: no acknowledgement within {timeout:g} s "
-                                f"({'connected' if self.connected else self._last_error})") from None
+                                f"({'connected' if self.connected else self._last_error})") from exc
         finally:
-            if self._pending.get(info.mid) is fut:
-                del self._pending[info.mid]
+            if self._pending.get(mid) is fut:
+                del self._pending[mid]
 
     async def publish_many(self, items: list[tuple[str, bytes]], qos: int = 1,
                            timeout: float = 10.0) -> list[DeliveryError | None]:
@@ -622,8 +457,18 @@ class MqttClient:
         nothing within ``timeout``)."""
         loop = asyncio.get_running_loop()
         slots: list[asyncio.Future | DeliveryError] = []
-        with self._one_wake(len(items) > 1):
-            self._publish_all(items, qos, loop, slots)
+        for topic, payload in items:
+            try:
+                mid = self._publish_now(topic, payload, qos, False)
+            except DeliveryError as exc:
+                slots.append(exc)
+                continue
+            fut = loop.create_future()
+            if qos == 0:
+                fut.set_result(None)
+            else:
+                self._pending[mid] = fut
+            slots.append(fut)
         waiting = [f for f in slots if isinstance(f, asyncio.Future)]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
@@ -642,47 +487,6 @@ class MqttClient:
             self._pending = {mid: f for mid, f in self._pending.items() if not f.done()}
         return out
 
-    def _publish_all(self, items, qos: int, loop, slots: list) -> None:
-        for topic, payload in items:
-            if not self.connected:
-                slots.append(DeliveryError(f"{self.where}: publish to {topic}: not connected ({self._last_error})"))
-                continue
-            try:
-                info = self._c.publish(topic, payload, qos=qos)
-            except (ValueError, TypeError) as exc:
-                slots.append(DeliveryError(f"{self.where}: publish to {topic!r}: {exc}"))
-                continue
-            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-                slots.append(DeliveryError(f"{self.where}: publish to {topic}: {paho.error_string(info.rc)}"))
-                continue
-            fut = loop.create_future()
-            if qos == 0:
-                fut.set_result(None)
-            else:
-                self._pending[info.mid] = fut
-            slots.append(fut)
-
-    @contextlib.contextmanager
-    def _one_wake(self, batch: bool):
-        """paho writes a byte to its network thread's wake-up socket for every packet it
-        queues; for a batch, wake it once at the end instead (the thread then writes all the
-        queued packets in one go, joined into few sends: _Client). The batch runs on the event loop without yielding; paho
-        makes a new pair only in loop_start (same thread), and if one appeared it is kept."""
-        wake = getattr(self._c, "_sockpairW", None) if batch else None
-        if wake is None:
-            yield
-            return
-        self._c._sockpairW = None
-        try:
-            yield
-        finally:
-            if self._c._sockpairW is None:
-                self._c._sockpairW = wake
-                try:
-                    wake.send(b"0")
-                except OSError:  # full (the thread is awake anyway) or closed by a reconnect
-                    pass
-
     async def subscribe(self, topic_filter: str, qos: int = 1, timeout: float = 10.0) -> None:
         """Subscribe (kept, and issued again on every reconnect).
 
@@ -698,8 +502,8 @@ class MqttClient:
             return
         try:
             await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise DeliveryError(f"{self.where}: subscribe {topic_filter}: no SUBACK within {timeout:g} s") from None
+        except asyncio.TimeoutError as exc:
+            raise DeliveryError(f"{self.where}: subscribe {topic_filter}: no SUBACK within {timeout:g} s") from exc
 
     async def next_message(self, timeout: float | None = None) -> Message | None:
         """The next received message, or None after ``timeout`` seconds."""
@@ -716,19 +520,19 @@ class MqttClient:
         A message from an earlier connection is not acknowledged (the broker redelivers it and
         the new copy is); QoS 0 messages and clients without manual_ack need no ack.
         """
-        if not self.manual_ack or msg.qos == 0:
-            return
-        if self._unacked.get(msg.mid) is not msg:
-            return
-        del self._unacked[msg.mid]
-        self._c.ack(msg.mid, msg.qos)  # without a connection: nothing to do, the broker redelivers
+        self.ack_many([msg])
 
     def ack_many(self, msgs: list[Message]) -> None:
-        """:meth:`ack` each message, waking paho's network thread once for all of them (it then
-        writes their PUBACKs in one go)."""
-        with self._one_wake(len(msgs) > 1):
+        """:meth:`ack` each message."""
+        if not self.manual_ack:
+            return
+        with self._generation_lock:
             for msg in msgs:
-                self.ack(msg)
+                entry = self._unacked.get(msg.mid)
+                if msg.qos == 0 or entry is None or entry[0] is not msg:
+                    continue
+                del self._unacked[msg.mid]
+                self._ack_locked(msg.mid, msg.qos, entry[1])
 
     async def close(self) -> None:
         """Disconnect cleanly (the persistent session stays on the broker) and stop paho's thread."""
@@ -762,7 +566,7 @@ def _probe(host: str, port: int) -> str:
     try:
         with socket.create_connection((host, port), timeout=2.0):
             return "TCP connect works, but the broker sent no CONNACK (not an MQTT broker? TLS expected?)"
-    except socket.timeout:
+    except TimeoutError:
         return "TCP connect timed out (host down or filtered)"
     except ConnectionRefusedError:
         return "connection refused (nothing listens on that port)"
