@@ -124,11 +124,11 @@ async def test_unknown_ca_is_refused(tmp_path, tls_broker):
 
 def test_secret_errors_name_the_field(tmp_path, monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
-    cfg = _cfg(tmp_path, 8883, username="u", password_env="NOT_SET_ANYWHERE")
+    cfg = _cfg(tmp_path, 8883, username="u", password_env="NOT_SET_ANYWHERE", tls={})  # tls: credentials need it
     with pytest.raises(ConfigError, match="mqtt.password_env: environment variable NOT_SET_ANYWHERE is not set"):
         cfg.password(tmp_path)
     (tmp_path / "pw").write_text("from-a-file\n")
-    assert _cfg(tmp_path, 8883, username="u", password_file="pw").password(tmp_path) == "from-a-file"
+    assert _cfg(tmp_path, 8883, username="u", password_file="pw", tls={}).password(tmp_path) == "from-a-file"
     with pytest.raises(ConfigError, match="mqtt: a password needs a username"):
         _cfg(tmp_path, 8883, password_env="X")
     with pytest.raises(ConfigError, match="cert_file and key_file go together"):

@@ -10,7 +10,8 @@ from energy_agent.app.cli.common import EXIT_OK, add_command, load_config
 
 
 def register(commands) -> None:
-    add_command(commands, "check-config", cmd_check, "validate a config file (and its profiles and node maps)",
+    add_command(commands, "check-config", cmd_check,
+                "validate a config file (its profiles, node maps, certificates and secrets) as run and bridge do",
                 needs_config=True)
     add_command(commands, "schema", cmd_schema, "print the config's JSON Schema")
     s = add_command(commands, "example-config", cmd_example,
@@ -23,10 +24,21 @@ def register(commands) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """0 when the config is valid; a ConfigError (exit 2) names what is not."""
-    cfg = load_config(args.config).config
-    print(f"{args.config}: OK — site {cfg.site}, agent {cfg.agent_id}: {len(cfg.machines)} machines, "
-          f"{len(cfg.meters)} meters, {len(cfg.cncs)} CNCs; config hash {cfg.config_hash()[:16]}")
+    """0 when the config is valid (its warnings on stderr); a ConfigError (exit 2) names what is
+    not. Checks what ``run`` and ``bridge`` check at start: the model, the profiles and node maps,
+    the certificates, keys and secrets it names, and says which of the two the file is for."""
+    loaded = load_config(args.config)
+    for warning in loaded.check_start("check-config"):
+        print(f"warning: {warning}", file=sys.stderr)
+    cfg = loaded.config
+    uses = []
+    if "run" in loaded.uses():
+        uses.append(f"run ({len(cfg.machines)} machines, {len(cfg.meters)} meters, {len(cfg.cncs)} CNCs)")
+    if "bridge" in loaded.uses():
+        assert cfg.mqtt is not None and cfg.influx is not None
+        uses.append(f"bridge (MQTT {cfg.mqtt.host}:{cfg.mqtt.port} to {cfg.influx.url})")
+    print(f"{args.config}: OK — site {cfg.site}, agent {cfg.agent_id}; good for {' and '.join(uses)}; "
+          f"config hash {cfg.config_hash()[:16]}")
     return EXIT_OK
 
 

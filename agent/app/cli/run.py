@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from energy_agent.app.cli.common import EXIT_FAILURE, EXIT_OK, add_command, load_config, serve, setup_logging
+
+log = logging.getLogger("energy_agent.app")
 
 
 def register(commands) -> None:
@@ -25,6 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """0 after a clean stop; 1 when the agent stopped on a fatal error."""
     loaded = load_config(args.config)
     setup_logging(args.log_level or loaded.config.log_level)
+    for warning in loaded.check_start("run"):
+        log.warning("%s", warning)
     from energy_agent.app.runtime import Agent
 
     agent = Agent(loaded)
@@ -40,6 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bridge(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     setup_logging(args.log_level or loaded.config.log_level)
+    for warning in loaded.check_start("bridge"):
+        log.warning("%s", warning)
     from energy_agent.bridge.bridge import run_bridge
 
     settings = loaded.bridge_settings()
