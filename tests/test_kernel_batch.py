@@ -146,6 +146,20 @@ def test_float32_columns_equal_float64_exactly(data):
     assert lean == compute_jobs(*args(data))
 
 
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_any_split_of_the_jobs_over_threads_gives_the_same_rows(data, parts):
+    # Each job is computed whole by one thread: the rows do not depend on how the jobs are cut.
+    from energy_agent.domain import kernels
+
+    t, e, p, st_t, st_s, t0, t1 = data
+    one = energy_batch(*args(data))
+    out = [np.zeros((len(t0), N_STATES)), np.zeros((len(t0), N_STATES)), np.zeros((len(t0), NQ))]
+    kernels.job_energy_batch_parallel(t, e, p, st_t, st_s, t0, t1, 5.0, ROLLOVER_KWH, MAX_POWER_W, *out,
+                                      energy.batch_chunks(t, t0, t1, parts))
+    for a, b in zip(one, out):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("chunks", [1, 2, 3, 7, 200])
 def test_chunks_cover_every_job_once(data, chunks):
     t, _, _, _, _, t0, t1 = data
@@ -331,3 +345,21 @@ def test_warm_up_compiles_the_batch_kernels():
         for parallel in (False, True):
             compute_jobs(t, *col, list(st_t), list(st_s), list(t0), list(t1), 5, parallel=parallel)
     assert [list(f.signatures) for f in (energy.job_energy_batch, energy.job_energy_batch_parallel)] == before
+
+
+def test_kernels_use_only_numbas_public_api():
+    # No LLVM IR, numba internals or private options (an upgrade of numba must not break them).
+    import ast
+    from pathlib import Path
+
+    from energy_agent.domain import kernels
+
+    source = Path(kernels.__file__).read_text()
+    modules = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module)
+    assert not {m for m in modules if m.startswith(("llvmlite", "numba."))}, modules
+    assert "_nrt" not in source and "intrinsic" not in source
