@@ -1,17 +1,22 @@
 """OPC UA CNC controllers: the nodes a node map names, as a stream of snapshots.
 
 :class:`CncDriver` connects to one server, resolves the node ids of its node map (``ns=…``
-or the restart-stable ``nsu=<namespace URI>;…`` form), reads every value once (one Read
-request, so one consistent snapshot) and then
+or the restart-stable ``nsu=<namespace URI>;…`` form, whose index is looked up at every
+connect), reads every value once (one Read request, so one consistent snapshot) and then
 follows changes through a subscription (data-change notifications with a queue, so no
 intermediate change is lost between two publishes) or, where a server cannot subscribe, by
 polling. Node map points given as browse paths are translated to node ids at every connect
 (TranslateBrowsePathsToNodeIds), so a server that rebuilt its address space is followed.
-Every change becomes a :class:`Reading` holding the full snapshot of all points,
-stamped with the server's SourceTimestamp of the change, clamped between the previous
-reading and the moment it arrived; changes of one instant are merged into one snapshot (a CNC clock that is off cannot move a job boundary
-outside the window in which it was observed). A value with a Bad (or Uncertain) StatusCode is
-never a value: the point is absent from the snapshot and named in ``bad``.
+
+The first snapshot of every connection is one :class:`Reading` with ``initial`` set, stamped at
+its receipt: the server's state now, not a replay of what happened while the agent was away
+(each value's SourceTimestamp is in ``stamps``). Every later change becomes a Reading holding
+the full snapshot of all points, stamped with the server's SourceTimestamp of the change,
+clamped between the previous reading and the moment it arrived; changes of one instant are
+merged into one snapshot (a CNC clock that is off cannot move a job boundary outside the window
+in which it was observed). A value with a Bad StatusCode is never a value: the point is absent
+from the snapshot and named in ``bad``; an Uncertain one is used and named in ``bad`` (see
+:class:`CncDriver`).
 
 Security (OPC 10000-4, 5.4 and 7.36): policy Basic256Sha256 with mode Sign or SignAndEncrypt,
 a client certificate and key, an optional user name and password. The server's certificate is
@@ -34,11 +39,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from asyncua import Client, ua
 from asyncua.crypto import security_policies, uacrypto
@@ -88,6 +94,43 @@ async def read_values(client: Client, nodes: list[Any]) -> list[ua.DataValue]:
     if len(results) != len(nodes):
         raise ua.UaError(f"Read of {len(nodes)} nodes returned {len(results)} results")
     return results
+
+
+GOOD, UNCERTAIN, BAD = "good", "uncertain", "bad"
+"""Quality of a value, from its StatusCode's severity (OPC 10000-4, 7.39)."""
+REASON = {BAD: "bad_status", UNCERTAIN: "uncertain_status"}
+"""``Reading.reasons`` code of a point that is not Good (energy_agent.core.reading.BAD_REASONS)."""
+
+
+class Change(NamedTuple):
+    """One value of one point as the server reported it (a Read result or a data change)."""
+
+    point: str
+    value: Any
+    source: datetime | None = None
+    """SourceTimestamp (None: the server sent none)."""
+    quality: str = GOOD
+    status: str = "Good"
+    """The StatusCode's name (BadSensorFailure, UncertainLastUsableValue, ...)."""
+    received: float | None = None
+    """ServerTimestamp, seconds since the epoch: when the server received the value (None: not sent)."""
+
+    @property
+    def news(self) -> tuple:
+        """What makes this change news: its quality, status and value (a Bad value is not one)."""
+        return self.quality, self.status, None if self.quality == BAD else self.value
+
+
+def change_of(point: str, dv: ua.DataValue, *, received: bool = False) -> Change:
+    """A DataValue as a :class:`Change` (``received``: keep its ServerTimestamp)."""
+    code = dv.StatusCode
+    if code is None or code.is_good():
+        quality, status = GOOD, "Good"
+    else:
+        quality, status = (BAD if code.is_bad() else UNCERTAIN), code.name
+    srv = dv.ServerTimestamp if received else None
+    return Change(point, dv.Value.Value if dv.Value is not None else None, dv.SourceTimestamp, quality, status,
+                  None if srv is None else _epoch(srv))
 
 
 def _plain(value: Any) -> Any:
@@ -260,7 +303,16 @@ async def configure_security(client: Client, device_id: str, endpoint: str, sec:
 
 
 class CncDriver:
-    """Follows one CNC's node map and hands snapshots to ``emit``."""
+    """Follows one CNC's node map and hands snapshots to ``emit``.
+
+    Quality (every path: the first Read, data changes, polls): a point whose StatusCode is Bad
+    is absent from ``values`` and named in ``bad`` (reason ``bad_status``); one whose StatusCode
+    is Uncertain keeps its value in ``values`` and is named in ``bad`` too (reason
+    ``uncertain_status``). Every reading names every point that is not Good at its instant, so a
+    point is in ``bad`` from the reading its status turned to the one it is Good again, when it
+    is back in ``values``. :attr:`status` holds the StatusCode names. The driver logs connection
+    outages only; turning ``bad`` into availability, flags and log lines is the caller's.
+    """
 
     def __init__(self, device_id: str, endpoint: str, nodemap: NodeMap, node_ids: dict[str, NodeRef], clock: Clock,
                  emit: Callable[[Reading], None], *, mode: str = "subscribe", interval_s: float = 0.5,
@@ -287,9 +339,17 @@ class CncDriver:
         self.subscribed = False
         """True while a subscription with its monitored items is established."""
         self.values: dict[str, Any] = {}
+        """Usable value of every point (Good or Uncertain) as of the last reading."""
+        self.stamps: dict[str, float] = {}
+        """SourceTimestamp (s since the epoch) of every point's current value, where the server sent one."""
+        self.status: dict[str, str] = {}
+        """StatusCode name of every point that is not Good."""
+        self._reasons: dict[str, str] = {}
+        self._seen: dict[str, tuple] = {}
+        """Point -> :attr:`Change.news` of its latest change (pending ones included)."""
         self.last_t = float("-inf")
         self.available = False
-        self._pending: dict[str, tuple[Any, bool]] = {}
+        self._pending: dict[str, Change] = {}
         self._pending_t: float | None = None
         self._pending_key: float | str | None = None
         self._pending_wall = 0.0
@@ -298,27 +358,42 @@ class CncDriver:
         self.last_wall = 0.0
         self._batch = 0
         self._flush_timer: asyncio.TimerHandle | None = None
-        self.quiet_s = (1.5 * self.clock.real_seconds(interval_s) + 0.05 if settle_s is None
-                        else self.clock.real_seconds(settle_s))
-        """Real seconds without news after which an instant is complete (default > one publishing
-        interval); 0: complete at the end of the publish response or poll that brought it."""
+        self.settle_s = settle_s
         self.by_publish_time = settle_s is None and mode == "subscribe" and self.use_source
         """Default ``settle_s`` on a subscription: an instant is also complete at the end of a
         publish response built WRITE_SPREAD_S after the server received its first value."""
-        self.next_publish_s = 1.25 * self.clock.real_seconds(interval_s) + 0.05
+        self.publish_interval_s = self.clock.real_seconds(interval_s)
+        """Real seconds between two publish responses (or polls): the interval asked for until a
+        server grants its own (CreateSubscription's RevisedPublishingInterval)."""
+        self.quiet_s = 0.0
+        """Real seconds without news after which an instant is complete (default > one publishing
+        interval); 0: complete at the end of the publish response or poll that brought it."""
+        self.next_publish_s = 0.0
         """Real seconds within which the server's next publish response comes (one interval and
         a margin for timer and transport jitter): how long an instant whose response was built
         within WRITE_SPREAD_S of it waits, with ``by_publish_time``, for the rest of it."""
+        self._pace(self.publish_interval_s)
         self._last_response = 0.0
         """time.monotonic() of the last publish response (data, keep-alive or status)."""
         self.settled = {"publish": 0, "quiet": 0}
         """Instants handed over at the end of a publish response (by PublishTime, or every one
         with settle_s 0) and after a quiet period."""
 
+    def _pace(self, period_s: float) -> None:
+        """Set the publishing interval and what depends on it: ``next_publish_s`` and, unless
+        ``settle_s`` was given, the quiet period. Called with the requested interval, then with
+        the one the server grants: a server that publishes less often than asked would otherwise
+        have its instants handed over before their second half came. The keep-alive count plays
+        no part: a response with data follows a response with data one interval later; only
+        empty intervals wait for a keep-alive (it sets the watchdog, :meth:`watchdog_s`)."""
+        self.publish_interval_s = period_s
+        self.quiet_s = 1.5 * period_s + 0.05 if self.settle_s is None else self.clock.real_seconds(self.settle_s)
+        self.next_publish_s = 1.25 * period_s + 0.05
+
     # ----------------------------------------------------------------------- stamping
 
-    def _apply(self, changes: list[tuple]) -> None:
-        """Merge (point, value, source time, good[, server time]) changes into per-instant snapshots.
+    def _apply(self, changes: list[Change]) -> None:
+        """Merge changes into per-instant snapshots.
 
         Changes stamped with the same instant may arrive in separate notifications (a server
         updates nodes one by one). They are merged, and the snapshot of an instant is emitted
@@ -326,26 +401,33 @@ class CncDriver:
         tracker never sees a half-applied instant (state active, job id not yet set).
         Instants are identified by their SourceTimestamp (with ``timestamps: received``, by the
         notification batch) and placed on the monotonic axis no later than their arrival and
-        no earlier than the previous instant. The server time (ServerTimestamp, s since the epoch,
-        or None) says when the server received the value: see :meth:`_published`.
+        no earlier than the previous instant. The server time (ServerTimestamp) says when the
+        server received the value: see :meth:`_published`. A change that is no news (same
+        value and status as the point's latest, e.g. the first notification of a monitored
+        item after the initial Read, or an unchanged value polled again) is dropped.
         """
+        news = []
+        for c in changes:
+            if self._seen.get(c.point) != c.news:
+                self._seen[c.point] = c.news
+                news.append(c)
+        if not news:
+            return
         mono, wall = self.clock.now()
         self._batch += 1
         items = []
-        for q, v, src, good, *more in changes:
-            received = more[0] if more else None
-            if received is not None and src is not None and received == _epoch(src):
+        for c in news:
+            received = c.received
+            if received is not None and c.source is not None and received == _epoch(c.source):
                 received = None  # a copy of the source time, not the server's own
-            if self.use_source and src is not None:
-                if src.tzinfo is None:
-                    src = src.replace(tzinfo=timezone.utc)
-                key: float | str = src.timestamp()
+            if self.use_source and c.source is not None:
+                key: float | str = _epoch(c.source)
                 t, w = (mono - (wall - key), key) if key < wall else (mono, wall)
             else:
                 key, t, w = f"batch {self._batch}", mono, wall
-            items.append((t, w, key, q, v, good, received))
-        items.sort(key=lambda c: c[0])
-        for t, w, key, q, v, good, received in items:
+            items.append((t, w, key, c, received))
+        items.sort(key=lambda item: item[0])
+        for t, w, key, c, received in items:
             pk = self._pending_key
             if self._pending_t is not None and not (
                 key == pk or (isinstance(key, float) and isinstance(pk, float) and key < pk)
@@ -355,7 +437,7 @@ class CncDriver:
                 if t < self.last_t:
                     t, w = self.last_t, self.last_wall
                 self._pending_t, self._pending_wall, self._pending_key = t, w, key
-            self._pending[q] = (v, good)
+            self._pending[c.point] = c
             if received is None:
                 self._pending_unstamped = True
             elif self._pending_received is None or received < self._pending_received:
@@ -401,16 +483,33 @@ class CncDriver:
         t, wall = self._pending_t, self._pending_wall
         self._pending_t = self._pending_key = self._pending_received = None
         self._pending_unstamped = False
-        bad = []
-        for q, (v, good) in self._pending.items():
-            if good:
-                self.values[q] = _plain(v)
-            else:
-                self.values.pop(q, None)
-                bad.append(q)
+        for c in self._pending.values():
+            self._set(c)
         self._pending.clear()
         self.last_t, self.last_wall = t, wall
-        self.emit(Reading(self.device_id, t, wall, dict(self.values), tuple(bad)))
+        self._hand_over(t, wall, initial=False)
+
+    def _set(self, c: Change) -> None:
+        """Make ``c`` the point's current value, stamp and quality."""
+        q = c.point
+        if c.quality == BAD:
+            self.values.pop(q, None)
+        else:
+            self.values[q] = _plain(c.value)
+        if c.quality == GOOD:
+            self.status.pop(q, None)
+            self._reasons.pop(q, None)
+        else:
+            self.status[q], self._reasons[q] = c.status, REASON[c.quality]
+        if c.source is None:
+            self.stamps.pop(q, None)
+        else:
+            self.stamps[q] = _epoch(c.source)
+
+    def _hand_over(self, t: float, wall: float, *, initial: bool) -> None:
+        bad = tuple(q for q in self.node_ids if q in self._reasons)
+        self.emit(Reading(self.device_id, t, wall, dict(self.values), bad, reasons=dict(self._reasons),
+                          stamps=dict(self.stamps), initial=initial))
 
     # ----------------------------------------------------------------------- session
 
@@ -446,18 +545,28 @@ class CncDriver:
         return nodes
 
     async def _initial(self, client: Client, nodes: dict[str, Any]) -> None:
-        """Read every value once, in one request (:func:`read_values`). On the first connection
-        the snapshot is stamped at receipt (what happened before the agent started is unknown);
-        after a reconnect each value keeps its SourceTimestamp (clamped as always), so a change
-        made during the outage is placed at its own instant, not at the reconnection."""
-        since_outage = self.last_t > float("-inf")
-        changes = []
-        for q, dv in zip(nodes, await read_values(client, list(nodes.values()))):
-            good = dv.StatusCode is None or dv.StatusCode.is_good()
-            src = dv.SourceTimestamp if since_outage else None
-            changes.append((q, dv.Value.Value if dv.Value is not None else None, src, good))
-        self._apply(changes)
-        self._flush()
+        """Read every value once, in one request (:func:`read_values`), and hand the result over
+        as one reading with ``initial`` set, stamped at its receipt. Its values are the server's
+        state now, whatever happened before: after an outage, a job may have ended and another
+        begun, and a restarted server shows each value with the SourceTimestamp of its last
+        change (in ``stamps``). Applied one by one at those instants, they would make snapshots
+        that never existed (the parts counter of after a job's end with the job id and state of
+        before it); placing what happened unseen is the caller's, from ``stamps``."""
+        dvs = await read_values(client, list(nodes.values()))
+        mono, wall = self.clock.now()
+        self.values.clear()
+        self.stamps.clear()
+        self.status.clear()
+        self._reasons.clear()
+        self._seen.clear()
+        for q, dv in zip(nodes, dvs):
+            c = change_of(q, dv)
+            self._seen[q] = c.news
+            self._set(c)
+        if mono < self.last_t:
+            mono, wall = self.last_t, self.last_wall
+        self.last_t, self.last_wall = mono, wall
+        self._hand_over(mono, wall, initial=True)
 
     def watchdog_s(self, period_s: float, keepalive_count: int = KEEPALIVE_COUNT) -> float:
         """Real seconds without a publish response (data or keep-alive) after which the
@@ -487,11 +596,7 @@ class CncDriver:
                 q = points.get(item.ClientHandle)
                 if q is None:
                     continue
-                dv = item.Value
-                good = dv.StatusCode is None or dv.StatusCode.is_good()
-                value = dv.Value.Value if dv.Value is not None else None
-                srv = dv.ServerTimestamp
-                changes.append((q, value, dv.SourceTimestamp, good, None if srv is None else _epoch(srv)))
+                changes.append(change_of(q, item.Value, received=True))
         if changes:
             self._apply(changes)
         if msg.PublishTime is not None:
@@ -542,6 +647,13 @@ class CncDriver:
 
         created, points = await self._subscribe(client, nodes, arrived)
         period_s = created.RevisedPublishingInterval / 1000.0
+        if period_s > 0.0:
+            if not math.isclose(period_s, self.publish_interval_s, rel_tol=0.01):  # once, not per reconnect
+                log.info("%s: the server publishes every %.3g s (asked for %.3g s)", self.device_id, period_s,
+                         self.clock.real_seconds(self.interval_s))
+            self._pace(period_s)
+        else:
+            period_s = self.publish_interval_s
         limit = self.watchdog_s(period_s, created.RevisedMaxKeepAliveCount)
         self._last_response = time.monotonic()
         self.subscribed = True
@@ -562,19 +674,12 @@ class CncDriver:
                     f"{period_s:.3g} s, at least {MIN_WATCHDOG_S:g} s)")
 
     async def _follow_polling(self, client: Client, nodes: dict[str, Any], stop: asyncio.Event) -> None:
+        """Read every value each interval; what changed (:meth:`_apply` drops the rest) becomes
+        an instant, stamped with its SourceTimestamp."""
         names = list(nodes)
-        seen: dict[str, Any] = {}
         while not stop.is_set():
             dvs = await read_values(client, [nodes[q] for q in names])
-            changes = []
-            for q, dv in zip(names, dvs):
-                good = dv.StatusCode is None or dv.StatusCode.is_good()
-                key = (dv.Value.Value if dv.Value is not None else None, good)
-                if seen.get(q) != key:
-                    seen[q] = key
-                    changes.append((q, key[0], dv.SourceTimestamp, good))
-            if changes:
-                self._apply(changes)
+            self._apply([change_of(q, dv) for q, dv in zip(names, dvs)])
             await sleep_or_stop(stop, self.clock.real_seconds(self.interval_s))
 
     async def _secure(self, client: Client) -> None:
@@ -589,13 +694,14 @@ class CncDriver:
         (a bug: ours, in ``emit``, or in asyncua) ends the run with it."""
         backoff = 0.0
         down_since: float | None = None
-        # asyncua probes the server every watchdog_intervall; in subscribe mode the keep-alive
-        # watchdog decides first, so one outage gives one warning.
-        probe_s = max(self.timeout_s, 2.0 * self.watchdog_s(self.clock.real_seconds(self.interval_s)))
         # Hundreds of CNCs connected together would all probe in the same instant: spread them
         # (deterministically per device) over +-10 % of the interval.
-        probe_s *= 0.9 + 0.2 * (zlib.crc32(self.device_id.encode()) / 0xFFFFFFFF)
+        spread = 0.9 + 0.2 * (zlib.crc32(self.device_id.encode()) / 0xFFFFFFFF)
         while not stop.is_set():
+            # asyncua probes the server every watchdog_intervall; in subscribe mode the keep-alive
+            # watchdog decides first, so one outage gives one warning. The interval is the one
+            # the server granted last time (the requested one at first).
+            probe_s = spread * max(self.timeout_s, 2.0 * self.watchdog_s(self.publish_interval_s))
             client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=probe_s)
             try:
                 await self._secure(client)

@@ -1,5 +1,6 @@
 """Meter profiles: a meter's register map as a data file (``drivers/profiles/NAME.yaml``),
-validated on load, and the coalesced reads planned from it.
+validated on load, and the coalesced reads planned from it (and split again for a meter that
+refuses a request spanning registers it does not map).
 
 For each quantity: the register address (0-based protocol address), function (``holding`` or
 ``input``), data type, word/byte order, scale and offset. The format is documented in
@@ -62,7 +63,9 @@ class MeterProfile(Model):
     word_order: Literal["big", "little"] = "big"
     byte_order: Literal["big", "little"] = "big"
     max_block: int = Field(125, ge=1, le=125, description="most registers read in one request")
-    max_gap: int = Field(8, ge=0, le=124, description="unused registers a coalesced read may span")
+    max_gap: int = Field(8, ge=0, le=124, description=(
+        "registers no point of this profile maps that one request may span to read two points together; "
+        "0 for a meter that refuses reads touching registers it does not map (exception 2)"))
     rollover_kwh: float | None = Field(
         None, gt=0, description="value at which the energy counter wraps; derived for unsigned integer counters"
     )
@@ -103,6 +106,11 @@ class MeterProfile(Model):
             return float(2 ** (16 * codec.width(p.type))) * abs(p.scale)
         return 0.0
 
+    def counter_is_float32(self) -> bool:
+        """Whether the energy counter is read as a 32-bit float (its resolution shrinks as it grows)."""
+        p = self.points.get("energy_import_kwh")
+        return p is not None and p.type == "f32"
+
     def counter_step_kwh(self) -> float:
         """Smallest step of the energy counter register near ``value`` (for tolerances)."""
         p = self.points.get("energy_import_kwh")
@@ -120,6 +128,16 @@ class Block:
     count: int
     members: tuple[tuple[str, int, RegisterPoint], ...]
     """(quantity, offset into the block, point)."""
+
+    @property
+    def span(self) -> str:
+        """``input 52..73``: the function and the first and last register read."""
+        return f"{self.function} {self.start}..{self.start + self.count - 1}"
+
+    @property
+    def gaps(self) -> bool:
+        """Whether the request spans registers that none of its points occupies."""
+        return sum(codec.width(p.type) for _, _, p in self.members) < self.count
 
 
 def plan_blocks(profile: MeterProfile, quantities: list[str] | None = None) -> list[Block]:
@@ -143,6 +161,32 @@ def plan_blocks(profile: MeterProfile, quantities: list[str] | None = None) -> l
         if cur:
             blocks.append(Block(fn, start, end - start, tuple(cur)))
     return blocks
+
+
+def split_block(block: Block) -> list[Block]:
+    """The smaller requests to try when a meter refuses ``block``: its runs of adjacent points
+    (no unmapped register in between) when it spans a gap, else each point on its own. A
+    block of one point cannot be split (an empty list)."""
+    if len(block.members) < 2:
+        return []
+    if not block.gaps:
+        return [Block(block.function, block.start + off, codec.width(p.type), ((q, 0, p),))
+                for q, off, p in block.members]
+    runs: list[list[tuple[str, int, RegisterPoint]]] = []
+    end = -1
+    for q, off, p in sorted(block.members, key=lambda m: m[1]):
+        if runs and off == end:
+            runs[-1].append((q, off, p))
+        else:
+            runs.append([(q, off, p)])
+        end = off + codec.width(p.type)
+    out = []
+    for run in runs:
+        first = run[0][1]
+        last = run[-1][1] + codec.width(run[-1][2].type)
+        out.append(Block(block.function, block.start + first, last - first,
+                         tuple((q, off - first, p) for q, off, p in run)))
+    return out
 
 
 def decode_block(profile: MeterProfile, block: Block, regs: list[int]) -> dict[str, float]:

@@ -21,8 +21,18 @@ behind, each intermediate change is still written on its own, so a subscriber wi
 observes every one of them.
 
 Faults of kind ``cnc_bad_status`` become events: at ``from_s`` the point's value is sent with
-StatusCode BadSensorFailure (the last value stays in the DataValue, as real servers do; a client
-must not use it), at ``to_s`` the value of that instant with Good.
+the fault's StatusCode (default BadSensorFailure; the last value stays in the DataValue, as real
+servers do: with a Bad status a client must not use it, with UncertainLastUsableValue it is the
+last usable value), at ``to_s`` the value of that instant with Good.
+
+A ``cnc_restart`` fault stops the server at ``from_s`` (sessions closed, port closed) and serves
+a new one from ``to_s``, prepared meanwhile: the scenario namespace is registered after as many
+extra namespaces as restarts so far (its index moves, as on a real server whose configuration
+changed), and each value is that of ``to_s`` with the SourceTimestamp of its last change, so
+the jobs that ended or began while it was down show as done.
+
+``min_publishing_interval_s`` makes the server revise shorter requested publishing intervals up
+to it (RevisedPublishingInterval), as servers with a minimum interval do.
 
 With :class:`ServerSecurity` the server has a certificate and offers the Basic256Sha256 Sign and
 SignAndEncrypt endpoints (and None, unless left out); it can require a user name and password
@@ -64,15 +74,19 @@ VARIANT = {
 TICK_S = 0.01
 
 
-class _Bad:
-    """The value of a point while a cnc_bad_status fault holds."""
+@dataclass(frozen=True)
+class NotGood:
+    """The value of a point while a cnc_bad_status fault holds: the last value shown before,
+    sent with this StatusCode."""
+
+    status: str = "BadSensorFailure"
 
     def __repr__(self) -> str:
-        return "BAD"
+        return self.status
 
 
-BAD = _Bad()
-BAD_STATUS = ua.StatusCodes.BadSensorFailure
+BAD = NotGood()
+"""The default: BadSensorFailure."""
 
 
 def _production_state(v: dict[str, Any]) -> int:
@@ -98,7 +112,7 @@ def cnc_events(scenario: Scenario, machine: MachineSim) -> list[tuple[float, dic
     ``cnc_bad_status`` fault becomes changes at its from_s (the point becomes :data:`BAD`) and
     to_s (the value of that instant comes back)."""
     changes = machine.timeline.cnc_changes
-    faults = scenario.faults_of(machine.id, "cnc")
+    faults = [f for f in scenario.faults_of(machine.id, "cnc") if f.kind == "cnc_bad_status"]
     derived = {q: f for q, f in DERIVED.items() if q in machine.cnc.node_map_model.points}
     if not faults and not derived:
         return changes
@@ -121,16 +135,25 @@ def cnc_events(scenario: Scenario, machine: MachineSim) -> list[tuple[float, dic
         for f in faults:
             if f.active(t):
                 for q in [f.point] if f.point else list(want):
-                    want[q] = BAD
-        changed = {q: v for q, v in want.items() if q not in shown or not _same(shown[q], v)}
+                    want[q] = NotGood(f.status) if f.status else BAD
+        changed = {q: v for q, v in want.items() if q not in shown or shown[q] != v}
         if changed:
             out.append((t, changed))
             shown.update(changed)
     return out
 
 
-def _same(a: Any, b: Any) -> bool:
-    return a is b if a is BAD or b is BAD else a == b
+def restart_windows(scenario: Scenario) -> list[tuple[float, float]]:
+    """When the server is down: the union of every ``cnc_restart`` fault's [from_s, to_s), in
+    order (the server serves every CNC, so a fault named for any machine stops it)."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted((f.from_s, f.to_s) for f in scenario.faults if f.kind == "cnc_restart"):
+        assert b is not None  # cnc_restart requires to_s
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 @dataclass(frozen=True)
@@ -196,12 +219,31 @@ def _utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, timezone.utc)
 
 
+def _grant_at_least(server: Server, floor_ms: float) -> None:
+    """Make ``server`` revise every requested publishing interval up to ``floor_ms``, as a server
+    with a minimum interval does. asyncua grants what is asked and has no setting for a
+    minimum, so its subscription service's public create_subscription is wrapped to raise the
+    request first (the server then publishes at the revised interval and reports it)."""
+    service = server.iserver.subscription_service
+    create = service.create_subscription
+
+    async def create_at_least(params: ua.CreateSubscriptionParameters, *args: Any, **kwargs: Any) -> Any:
+        params.RequestedPublishingInterval = max(params.RequestedPublishingInterval, floor_ms)
+        return await create(params, *args, **kwargs)
+
+    service.create_subscription = create_at_least
+
+
 class CncBank:
     """Serves every CNC of a scenario from one OPC UA server."""
 
     def __init__(self, scenario: Scenario, clock: Clock, *, host: str = "127.0.0.1", port: int = 4840,
-                 tick_s: float = TICK_S, security: ServerSecurity | None = None, write_spread_s: float = 0.0):
+                 tick_s: float = TICK_S, security: ServerSecurity | None = None, write_spread_s: float = 0.0,
+                 min_publishing_interval_s: float = 0.0):
         self.scenario = scenario
+        self.min_publishing_interval_s = min_publishing_interval_s
+        """Real seconds: a subscription asking for a shorter publishing interval is granted this
+        one (RevisedPublishingInterval), as servers with a minimum do; 0: what is asked."""
         self.write_spread_s = write_spread_s
         """Real seconds between the node writes of one instant (0: all at once). A server that
         updates an instant's nodes one by one can split them over two publish responses."""
@@ -211,6 +253,16 @@ class CncBank:
         self.port = port
         self.tick_s = tick_s
         self.server: Server | None = None
+        """The server serving, or being prepared while a restart fault holds."""
+        self.serving = False
+        self.restarts = restart_windows(scenario)
+        """[from_s, to_s) windows in which the server is down (``cnc_restart`` faults)."""
+        self.first_served_s: float | None = None
+        """Scenario time the bank first served: the SourceTimestamp of values that never changed."""
+        self.restart_count = 0
+        """Restarts so far; as many extra namespaces are registered before the scenario's."""
+        self.namespace_index = 0
+        """Index of the scenario namespace on the current server."""
         self.nodes: dict[str, dict[str, ua.NodeId]] = {}
         self.logins: list[str] = []
         """User names of every session activation attempt (with ``security.users``)."""
@@ -327,34 +379,64 @@ class CncBank:
         if sec.trusted_clients is not None:
             server.set_certificate_validator(_client_validator(sec.trusted_clients))
 
-    async def start(self) -> None:
-        """Build the address space, show the values of now, start serving and updating."""
-        if self.port == 0:
-            self.port = free_port(self.host)  # the endpoint URL the server announces must be the real one
+    async def _prepare(self) -> Server:
+        """A new server with its address space and security, not yet listening. After a restart
+        the scenario namespace comes after ``restart_count`` other ones, so at another index (a
+        client must look it up by URI, as ``nsu=`` node ids do)."""
         server = Server()
-        await server.init()  # ~2 s; scenario time is read after it
+        await server.init()  # ~2 s
         server.set_endpoint(self.endpoint)
         server.set_server_name("energy-agent CNC simulator")
         await self._secure(server)
-        idx = {self.scenario.namespace: await server.register_namespace(self.scenario.namespace)}
+        for k in range(self.restart_count):
+            await server.register_namespace(f"urn:energy-agent:simulator:restart-{k + 1}")
+        self.namespace_index = await server.register_namespace(self.scenario.namespace)
+        idx = {self.scenario.namespace: self.namespace_index}
         for m in self.scenario.machines:
             await self._build(server, idx, m)
-        self.server = server
+        if self.min_publishing_interval_s > 0:
+            _grant_at_least(server, self.min_publishing_interval_s * 1000.0)
+        return server
+
+    async def _serve(self) -> None:
+        """Show the values of now (each with the instant it last changed) and start listening."""
+        assert self.server is not None
         now = self.sim_time()
+        if self.first_served_s is None:
+            self.first_served_s = now
         for m in self.scenario.machines:
             await self._show_initial(m.id, now)
-        await server.start()
+        await self.server.start()
+        self.serving = True
+
+    def _down_at(self, t: float) -> tuple[float, float] | None:
+        """The restart window holding scenario time t, if any."""
+        return next(((a, b) for a, b in self.restarts if a <= t < b), None)
+
+    async def start(self) -> None:
+        """Build the address space, show the values of now, start serving and updating (inside a
+        restart window: serving starts at its end)."""
+        if self.port == 0:
+            self.port = free_port(self.host)  # the endpoint URL the server announces must be the real one
+        self.server = await self._prepare()  # scenario time is read after it
+        if self._down_at(self.sim_time()) is None:
+            await self._serve()
         self._task = asyncio.create_task(self._run(), name="cnc-updates")
 
     async def _show_initial(self, machine: str, now: float) -> None:
-        """Values at ``now``, each stamped with the instant it last changed (now if never)."""
+        """Values at ``now``, each stamped with the instant it last changed (if never: when the
+        bank first served, the same after a restart); a point under a cnc_bad_status fault with
+        the last good value before it."""
         values: dict[str, tuple[Any, float]] = {}
+        good = self.shown.setdefault(machine, {})
         i = 0
         events = self.events[machine]
         while i < len(events) and events[i][0] <= now:
             t, changed = events[i]
             for q, v in changed.items():
-                values[q] = (v, t if math.isfinite(t) else now)
+                values[q] = (v, t if math.isfinite(t) else self.first_served_s)
+                if not isinstance(v, NotGood):
+                    good[q] = v
             i += 1
         self._next[machine] = i
         for q, (v, t) in values.items():
@@ -367,10 +449,10 @@ class CncBank:
             return None
         assert self.server is not None
         vt = VARIANT.get(point, ua.VariantType.String)
-        if value is BAD:
+        if isinstance(value, NotGood):
             last = self.shown.setdefault(machine, {}).get(point)
             dv = ua.DataValue(ua.Variant(last, vt) if last is not None else ua.Variant(),
-                              StatusCode=ua.StatusCode(BAD_STATUS),
+                              StatusCode=ua.StatusCode(getattr(ua.StatusCodes, value.status)),
                               SourceTimestamp=stamp, ServerTimestamp=datetime.now(timezone.utc))
         else:
             self.shown.setdefault(machine, {})[point] = value
@@ -405,10 +487,29 @@ class CncBank:
     async def _run(self) -> None:
         while True:
             try:
-                await self.publish_due(self.sim_time())
+                down = self._down_at(self.sim_time()) is not None
+                if self.serving and down:
+                    await self._stop_serving()
+                if self.server is None:  # prepared while down (asyncua init takes ~2 s)
+                    self.server = await self._prepare()
+                if not self.serving and self._down_at(self.sim_time()) is None:
+                    await self._serve()
+                    log.info("CNC simulator: serving again at t=%.1f s, namespace %s at index %d",
+                             self.sim_time(), self.scenario.namespace, self.namespace_index)
+                if self.serving:
+                    await self.publish_due(self.sim_time())
             except Exception:  # keep serving; a failed write is logged, not fatal
                 log.exception("CNC simulator: publishing failed")
             await asyncio.sleep(self.tick_s)
+
+    async def _stop_serving(self) -> None:
+        """A cnc_restart fault begins: stop the server (every session is closed); the next one,
+        with one more namespace before the scenario's, is prepared while down."""
+        assert self.server is not None
+        server, self.server, self.serving = self.server, None, False
+        self.restart_count += 1
+        await server.stop()
+        log.info("CNC simulator: server stopped at t=%.1f s (cnc_restart)", self.sim_time())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -418,6 +519,7 @@ class CncBank:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+            self.serving = False
 
     async def __aenter__(self) -> "CncBank":
         await self.start()

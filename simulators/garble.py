@@ -129,8 +129,10 @@ class GarblingProxy:
         return None
 
     async def start(self, upstream_host: str, upstream_port: int) -> None:
+        """Listen (again, after :meth:`stop`: on the port bound the first time)."""
         self._upstream = (upstream_host, upstream_port)
         self._server = await asyncio.start_server(self._connection, self.host, self._port)
+        self._port = self.port
 
     async def stop(self) -> None:
         if self._server is not None:

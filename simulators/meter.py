@@ -4,7 +4,9 @@ RTU on a serial line (several meters on one RS-485 line).
 Each meter is a pymodbus ``SimDevice`` with separate holding and input register blocks that
 cover exactly the address range of its profile's points of that function (reads outside it, or
 of a function the profile does not use, get exception 2, illegal address, like a real meter;
-writes are refused the same way). The device's action runs when a request arrives: it takes
+writes are refused the same way). Inside that range a lenient meter (the default) reads the
+registers between points as whatever the block holds; a ``strict`` one answers exception 2 to
+any read touching a register no point occupies, as Eastron SDM meters do. The device's action runs when a request arrives: it takes
 scenario time from the clock (``clock.wall() - clock.anchor``), computes what the meter shows
 at that instant (power and the closed-form energy register, plus voltage, current, power
 factor and frequency where the profile maps them) and writes the encoded registers in place,
@@ -12,7 +14,9 @@ as the profile says (type, word and byte order, ``raw = (value - offset) / scale
 counters are floored, other integers rounded to nearest). So a client reads exactly what the
 real meter would show at the moment its request is served.
 
-Faults of the scenario act in one place, :func:`apply_faults`. A silent meter sends no answer
+Faults of the scenario act in one place per layer: on values and answers in
+:func:`apply_faults`, on the listener (``listener_down``: closed with its connections, reopened
+on the same port) in :meth:`MeterBank._listener_faults`. A silent meter sends no answer
 at all (the action raises ``NoSuchIdException`` and the server runs with
 ``ignore_missing_devices=True``, which drops the response): the client's request times out
 while other units on the same connection keep answering. Damaged frames are beyond what the
@@ -23,6 +27,7 @@ unit inside the fault's window on their way to the client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from functools import partial
@@ -47,6 +52,10 @@ POWER_FACTOR = 0.9
 FREQUENCY_HZ = 50.0
 FRAMERS = {"tcp": FramerType.SOCKET, "rtu-over-tcp": FramerType.RTU, "rtu": FramerType.RTU}
 FC_FUNCTION = {3: "holding", 4: "input"}
+REFUSING = ("meter_silent", "modbus_exception", "modbus_garbled", "listener_down")
+"""Fault kinds that refuse or lose requests rather than change values."""
+LISTENER_TICK_S = 0.005
+"""How often (real seconds) the bank checks the scenario clock for ``listener_down`` faults."""
 
 
 class NoAnswer(NoSuchIdException):
@@ -86,6 +95,10 @@ def apply_faults(machine: MachineSim, faults: list[Fault], t: float, values: dic
             values["energy_import_kwh"] = machine.timeline.energy_at(t) - machine.timeline.energy_at(f.from_s)
         elif f.kind == "counter_jump":
             values["energy_import_kwh"] += f.kwh
+        elif f.kind == "counter_freeze":
+            # what the register showed when it froze, with the faults of before applied
+            earlier = [g for g in faults if g is not f and g.from_s <= f.from_s]
+            values["energy_import_kwh"] = meter_values(machine, f.from_s, earlier)["energy_import_kwh"]
         elif f.kind == "counter_nan":
             values["energy_import_kwh"] = math.nan
         elif f.kind in ("power_nan", "power_inf"):
@@ -104,7 +117,7 @@ def apply_faults(machine: MachineSim, faults: list[Fault], t: float, values: dic
 def meter_values(machine: MachineSim, t: float, faults: list[Fault] = ()) -> dict[str, float]:
     """What the meter shows at t with value faults applied (refusing faults are ignored here)."""
     values = physical_values(machine, t)
-    value_faults = [f for f in faults if f.kind not in ("meter_silent", "modbus_exception", "modbus_garbled")]
+    value_faults = [f for f in faults if f.kind not in REFUSING]
     apply_faults(machine, value_faults, t, values)
     return values
 
@@ -137,6 +150,14 @@ def encode_point(profile: MeterProfile, quantity: str, value: float) -> list[int
     return encode_value(profile.points[quantity], value, wo, bo, counter=quantity.startswith("energy"))
 
 
+def mapped_registers(profile: MeterProfile) -> dict[str, frozenset[int]]:
+    """Per register function, the addresses a point of the profile occupies."""
+    out: dict[str, set[int]] = {"holding": set(), "input": set()}
+    for p in profile.points.values():
+        out[p.function].update(range(p.address, p.address + codec.width(p.type)))
+    return {fn: frozenset(regs) for fn, regs in out.items()}
+
+
 def register_blocks(profile: MeterProfile) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
     """(coils, discrete inputs, holding, input) for a SimDevice with separate blocks: each
     register function covers its points' address range; an unused function has no valid address."""
@@ -155,7 +176,8 @@ def register_blocks(profile: MeterProfile) -> tuple[list[SimData], list[SimData]
 
 class MeterBank:
     """Serves every meter of a scenario on one port (TCP or RTU-over-TCP framing; port 0 binds a
-    free one) or, with ``serial_device``, as RTU on that serial line."""
+    free one, kept when a ``listener_down`` fault reopens the listener) or, with
+    ``serial_device``, as RTU on that serial line."""
 
     def __init__(self, scenario: Scenario, clock: Clock, *, host: str = "127.0.0.1", port: int = 5020,
                  framer: str = "tcp", serial_device: str | None = None, baudrate: int = 9600):
@@ -170,30 +192,43 @@ class MeterBank:
         self.framer = framer
         self.serial_device, self.baudrate = serial_device, baudrate
         self.requests = 0
+        self.refused_strict = 0
+        """Reads a strict meter refused because they touched an unmapped register."""
         self.proxy: GarblingProxy | None = None
         """In front of the server when the scenario damages frames (``modbus_garbled``)."""
         garbled = [f for f in scenario.faults if f.kind == "modbus_garbled"]
-        if garbled and serial_device is not None:
-            raise ValueError(f"modbus_garbled faults ({garbled[0].machine}) need a TCP port, not a serial line")
+        self._listener_down = [f for f in scenario.faults if f.kind == "listener_down"]
+        for kind, faults in (("modbus_garbled", garbled), ("listener_down", self._listener_down)):
+            if faults and serial_device is not None:
+                raise ValueError(f"{kind} faults ({faults[0].machine}) need a TCP port, not a serial line")
         self.profiles: dict[int, MeterProfile] = {}
-        devices = []
+        self._devices = []
         for m in scenario.machines:
             prof = m.meter.profile_model
             self.profiles[m.meter.unit_id] = prof
-            devices.append(SimDevice(id=m.meter.unit_id, simdata=register_blocks(prof),
-                                     action=partial(self._action, m, prof, scenario.faults_of(m.id, "meter"))))
-        # ignore_missing_devices lets NoAnswer drop a response. A unit id no meter has still gets
-        # exception code 4: pymodbus' simulator answers it (not a NoSuchIdException).
+            mapped = mapped_registers(prof) if m.meter.strict else None
+            self._devices.append(SimDevice(id=m.meter.unit_id, simdata=register_blocks(prof),
+                                           action=partial(self._action, m, prof, scenario.faults_of(m.id, "meter"),
+                                                          mapped)))
         self.server: ModbusTcpServer | ModbusSerialServer
         if serial_device is not None:
-            self.server = ModbusSerialServer(devices, port=serial_device, framer=FramerType.RTU, baudrate=baudrate,
-                                             ignore_missing_devices=True)
+            self.server = ModbusSerialServer(self._devices, port=serial_device, framer=FramerType.RTU,
+                                             baudrate=baudrate, ignore_missing_devices=True)
         else:
             if garbled:  # the server on a free port behind the proxy, which takes the bank's port
                 self.proxy = GarblingProxy(scenario, clock, framer, host=host, port=port)
-            self.server = ModbusTcpServer(devices, address=(host, 0 if garbled else port), framer=FRAMERS[framer],
-                                          ignore_missing_devices=True)
+            self.server = self._tcp_server(0 if garbled else port)
         self._started = False
+        self._open = False
+        self._watch: asyncio.Task | None = None
+        self.listener_changes = 0
+        """How often a ``listener_down`` fault closed or reopened the listener."""
+
+    def _tcp_server(self, port: int) -> ModbusTcpServer:
+        # ignore_missing_devices lets NoAnswer drop a response. A unit id no meter has still gets
+        # exception code 4: pymodbus' simulator answers it (not a NoSuchIdException).
+        return ModbusTcpServer(self._devices, address=(self.host, port), framer=FRAMERS[self.framer],
+                               ignore_missing_devices=True)
 
     @property
     def units(self) -> list[int]:
@@ -216,6 +251,11 @@ class MeterBank:
         return self._port
 
     @property
+    def listening(self) -> bool:
+        """Whether clients can connect now (False while a ``listener_down`` fault holds)."""
+        return self._open
+
+    @property
     def where(self) -> str:
         """Where the meters answer, for messages."""
         if self.serial_device is not None:
@@ -225,7 +265,8 @@ class MeterBank:
     def sim_time(self) -> float:
         return self.clock.wall() - self.clock.anchor
 
-    async def _action(self, m: MachineSim, prof: MeterProfile, faults: list[Fault], fc: int, start: int,
+    async def _action(self, m: MachineSim, prof: MeterProfile, faults: list[Fault],
+                      mapped: dict[str, frozenset[int]] | None, fc: int, start: int,
                       address: int, count: int, regs: list[int], values: Any) -> ExcCodes | None:
         self.requests += 1
         t = self.sim_time()
@@ -236,6 +277,9 @@ class MeterBank:
         function = FC_FUNCTION.get(fc)
         if function is None:
             return None
+        if mapped is not None and not mapped[function].issuperset(range(address, address + count)):
+            self.refused_strict += 1
+            return ExcCodes.ILLEGAL_ADDRESS
         for q, p in prof.points.items():
             # regs is the whole block of this function; regs[0] is register ``start``.
             if p.function != function or p.address + codec.width(p.type) <= address or p.address >= address + count:
@@ -244,17 +288,59 @@ class MeterBank:
                 regs[p.address - start + i] = word
         return None
 
-    async def start(self) -> None:
-        await self.server.serve_forever(background=True)
-        self._started = True
+    async def _open_listener(self) -> None:
         if self.proxy is not None:
             await self.proxy.start(self.host, self.server_port)
+        else:
+            await self.server.serve_forever(background=True)
+            if self._port == 0 and self.serial_device is None:
+                self._port = self.server_port  # a reopened listener takes the same port
+        self._open = True
+
+    async def _close_listener(self) -> None:
+        """Stop listening and drop every open connection (the proxy's, when there is one)."""
+        self._open = False
+        if self.proxy is not None:
+            await self.proxy.stop()
+        else:
+            await self.server.shutdown()
+            self.server = self._tcp_server(self._port)  # ready to listen again on the same port
+
+    async def _listener_faults(self) -> None:
+        """Close and reopen the listener as the ``listener_down`` faults say, on scenario time."""
+        while True:
+            t = self.sim_time()
+            down = any(f.active(t) for f in self._listener_down)
+            try:
+                if down and self._open:
+                    await self._close_listener()
+                    self.listener_changes += 1
+                elif not down and not self._open:
+                    await self._open_listener()
+                    self.listener_changes += 1
+            except (OSError, RuntimeError) as exc:  # the port taken meanwhile: try again next tick
+                log.warning("meter bank %s: cannot reopen the listener: %s", self.where, exc)
+            await asyncio.sleep(LISTENER_TICK_S)
+
+    async def start(self) -> None:
+        if self.proxy is not None:
+            await self.server.serve_forever(background=True)
+        self._started = True
+        await self._open_listener()  # binds the port (a free one for port 0) even if a fault closes it at once
+        if any(f.active(self.sim_time()) for f in self._listener_down):
+            await self._close_listener()
+        if self._listener_down:
+            self._watch = asyncio.create_task(self._listener_faults(), name=f"meter bank {self.where} listener")
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         if self.proxy is not None:
             await self.proxy.stop()
         await self.server.shutdown()
-        self._started = False
+        self._started = self._open = False
 
     async def __aenter__(self) -> "MeterBank":
         await self.start()

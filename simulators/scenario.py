@@ -59,6 +59,9 @@ class FaultKind:
     effect: str
     takes: tuple[str, ...] = ()
     """Optional fields of :class:`Fault` this kind accepts (``code``, ``point``, ...)."""
+    shared: bool = False
+    """Acts on the connection the named machine's meter is served on, so on every meter served
+    there (the truth lists it for all of them)."""
 
 
 FAULT_KINDS: dict[str, FaultKind] = {
@@ -80,6 +83,13 @@ FAULT_KINDS: dict[str, FaultKind] = {
     "counter_jump": FaultKind("meter", "optional",
                               "the energy register shows E(t) + `kwh` (negative: backwards) from from_s, until "
                               "to_s when given (a glitch: it jumps back at to_s)", ("kwh",)),
+    "counter_freeze": FaultKind("meter", "required",
+                                "the energy register holds the value it showed at from_s in [from_s, to_s) while "
+                                "power keeps reading; at to_s it shows E(t) again (the meter kept counting inside)"),
+    "listener_down": FaultKind("meter", "required",
+                               "the Modbus TCP listener closes at from_s, dropping every open connection (new ones "
+                               "are refused), and reopens on the same port at to_s; every meter served on that "
+                               "port is gone meanwhile (TCP ports only)", shared=True),
     "counter_nan": FaultKind("meter", "required",
                              "the energy register reads NaN in [from_s, to_s) (integer registers: 'not available')"),
     "power_nan": FaultKind("meter", "required",
@@ -95,9 +105,15 @@ FAULT_KINDS: dict[str, FaultKind] = {
                                    "the power register reads `value_w` (default: twice the profile's max_power_w) "
                                    "in [from_s, to_s); the energy register is unaffected", ("value_w",)),
     "cnc_bad_status": FaultKind("cnc", "required",
-                                "the CNC sends `point` (default: every point) with StatusCode BadSensorFailure "
-                                "in [from_s, to_s); the last value stays in the DataValue but must not be used",
-                                ("point",)),
+                                "the CNC sends `point` (default: every point) with StatusCode `status` (default "
+                                "BadSensorFailure) in [from_s, to_s), the last value it showed before inside: with "
+                                "a Bad status it must not be used, with an Uncertain one it is the last usable value",
+                                ("point", "status")),
+    "cnc_restart": FaultKind("cnc", "required",
+                             "the OPC UA server stops at from_s (every session is closed) and starts again at "
+                             "to_s with its CNC namespace at another index; its values are those of to_s, each "
+                             "with the SourceTimestamp of its last change (what happened meanwhile happened). "
+                             "One server serves every CNC of the scenario, so every machine's CNC goes", shared=True),
 }
 GARBLE_MODES = ("corrupt", "short")
 
@@ -118,6 +134,9 @@ class Fault(_M):
     mode: Literal["corrupt", "short"] | None = Field(None, description="modbus_garbled: how (default corrupt)")
     kwh: float | None = Field(None, description="counter_jump: the step of the energy register (kWh, != 0)")
     value_w: float | None = Field(None, description="power_implausible: the power shown (W; default 2 x max_power_w)")
+    status: Literal["BadSensorFailure", "BadCommunicationError", "BadOutOfService",
+                    "UncertainLastUsableValue"] | None = Field(
+        None, description="cnc_bad_status: the StatusCode sent (default BadSensorFailure)")
 
     @model_validator(mode="after")
     def _check(self) -> "Fault":
@@ -128,7 +147,7 @@ class Fault(_M):
             raise ValueError(f"to_s: {self.kind} needs an end (to_s)")
         if kind.to_s == "forbidden" and self.to_s is not None:
             raise ValueError(f"to_s: {self.kind} happens at from_s and takes no to_s")
-        for name in ("code", "point", "mode", "kwh", "value_w"):
+        for name in ("code", "point", "mode", "kwh", "value_w", "status"):
             if getattr(self, name) is not None and name not in kind.takes:
                 owners = ", ".join(k for k, v in FAULT_KINDS.items() if name in v.takes)
                 raise ValueError(f"{name}: only {owners} takes a {name}, not {self.kind}")
@@ -161,8 +180,8 @@ class Fault(_M):
         lo, hi = max(a, self.from_s), min(b, self.to_s)
         if lo < hi:
             return (lo, hi)
-        # A glitch that ends inside the window: the register jumps back at to_s.
-        return (self.to_s, self.to_s) if self.kind == "counter_jump" and a <= self.to_s < b else None
+        # A glitch or a freeze that ends inside the window: the register steps back to E(t) at to_s.
+        return (self.to_s, self.to_s) if self.kind in ("counter_jump", "counter_freeze") and a <= self.to_s < b else None
 
 
 # ------------------------------------------------------------------------------------ scenario
@@ -198,6 +217,9 @@ class MeterSim(_M):
     profile: str = Field(description="built-in profile name or path to a profile .yaml")
     energy_offset_kwh: float = Field(0.0, ge=0, description="register value at scenario time 0")
     ripple: Ripple = Field(default_factory=Ripple)
+    strict: bool = Field(False, description=(
+        "answer exception 2 (illegal data address) to any read touching a register no point of the profile "
+        "maps, as Eastron SDM meters do; false: such registers read as whatever the block holds"))
 
     @field_validator("profile")
     @classmethod
@@ -572,16 +594,19 @@ def parse(data: Any, *, base: Path | None = None, source: str = "scenario") -> S
 
 
 def job_faults(scenario: Scenario, machine: MachineSim, job: JobSpec) -> list[dict[str, Any]]:
-    """The faults that touch a job's window: kind, device, the part of the window they cover
+    """The faults that touch a job's window (the machine's own and those of the connection its
+    meter is served on): kind, device, the part of the window they cover
     (``from_s``, ``to_s``; equal for a counter event), the true energy in that part
     (``energy_kwh``) and the fault's parameters (``code``, ``mode``, ``kwh``, ...)."""
     out = []
-    for f in scenario.faults_of(machine.id):
+    faults = sorted((f for f in scenario.faults if f.machine == machine.id or FAULT_KINDS[f.kind].shared),
+                    key=lambda f: f.from_s)
+    for f in faults:
         part = f.touches(job.start_s, job.end_s)
         if part is None:
             continue
         a, b = part
-        extra = {k: v for k, v in f.model_dump(include={"code", "point", "mode", "kwh", "value_w"}).items()
+        extra = {k: v for k, v in f.model_dump(include={"code", "point", "mode", "kwh", "value_w", "status"}).items()
                  if v is not None}
         out.append({"kind": f.kind, "device": f.device, "from_s": a, "to_s": b,
                     "energy_kwh": sum(machine.timeline.energy_ws(a, b).values()) / J_PER_KWH, **extra})

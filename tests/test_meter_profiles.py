@@ -77,14 +77,14 @@ def truth_range(machine, t0: float, t1: float) -> dict[str, tuple[float, float]]
     return {q: (min(s[q] for s in samples), max(s[q] for s in samples)) for q in samples[0]}
 
 
-def scenario_for(name: str, offset_kwh: float) -> Scenario:
+def scenario_for(name: str, offset_kwh: float, strict: bool = False) -> Scenario:
     return Scenario.model_validate({
         "name": f"profile-{name}",
         "speed": SPEED,
         "duration_s": 600,
         "machines": [{
             "id": "m1",
-            "meter": {"unit_id": 3, "profile": name, "energy_offset_kwh": offset_kwh,
+            "meter": {"unit_id": 3, "profile": name, "energy_offset_kwh": offset_kwh, "strict": strict,
                       "ripple": {"amplitude": 0.05, "period_s": 37.0, "phase": 0.4}},
             "cnc": {"channel": "M1.Channel_1", "job": "M1.Job"},
             "power_w": {"ready": 800.0, "processing": PROCESSING_W},
@@ -147,16 +147,19 @@ async def test_simulated_meter_decodes_with_the_driver(name):
         await bank.stop()
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["lenient", "strict"])
 @pytest.mark.parametrize("name", PROFILES)
-async def test_every_point_decodes_to_the_simulated_truth(name):
+async def test_every_point_decodes_to_the_simulated_truth(name, strict):
     """All points of the profile (what `energy-agent probe` reads), decoded by the driver, equal
     what the simulated meter shows within one register step. A register whose type or scale
     cannot carry the value (overflow, too coarse a step), a decode that disagrees with the
     simulator's encoding or a point read from the wrong offset of a block moves a value far
     outside. The simulator serves the same profile, so agreement with the vendor's document is
-    the profile's comments and README citations, not this test."""
+    the profile's comments and README citations, not this test. A strict simulated meter maps
+    only the profile's points, so it refuses every request that spans a gap (max_gap > 0): the
+    driver splits them and the values are the same."""
     prof = load_profile(name)
-    scn = scenario_for(name, counter_offset_kwh(prof))
+    scn = scenario_for(name, counter_offset_kwh(prof), strict)
     (machine,) = scn.machines
     clock = Clock(speed=SPEED, anchor=time.time() - POLL_AT_S / SPEED)
     bank = MeterBank(scn, clock, port=free_port())
@@ -169,6 +172,9 @@ async def test_every_point_decodes_to_the_simulated_truth(name):
         t1 = bank.sim_time()
         assert r.ok, r.error
         assert set(r.values) == set(prof.points) and not r.bad, (sorted(r.values), r.bad)
+        assert bank.refused_strict == (len(drv.learned) if strict else 0)
+        if strict:  # what the meter read is its runs of adjacent points, nothing across a gap
+            assert not any(b.gaps for b in drv.blocks)
         truth = truth_range(machine, t0, t1)
         for q, v in r.values.items():
             lo, hi = truth[q]

@@ -26,9 +26,10 @@ async def test_driver_reads_both_profiles_over_one_bus(framer):
         for m in DEMO.machines:
             prof = load_profile(m.meter.profile)
             drv = MeterDriver(f"pm-{m.id}", m.meter.unit_id, prof, bus, clock, timeout_s=1.0)
-            # SDM630: power (30053) and energy (30073) in one request; iEM3000: 3060 and 3204 are
-            # 144 registers apart, more than one request may carry (125): two requests.
-            assert len(drv.blocks) == {"eastron-sdm630": 1, "schneider-iem3000": 2}[prof.name]
+            # SDM630: power (30053) and energy (30073) in two requests (the meter refuses one across
+            # the unmapped registers between them); iEM3000: 3060 and 3204 are 144 registers apart,
+            # more than one request may carry (125): two requests.
+            assert len(drv.blocks) == {"eastron-sdm630": 2, "schneider-iem3000": 2}[prof.name]
             requests = bank.requests
             t0 = bank.sim_time()
             r = await drv.poll()

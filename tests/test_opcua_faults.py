@@ -67,12 +67,13 @@ async def test_bad_status_window_is_absent_and_flagged_never_a_value(mode):
     assert ok[0].wall < clock.anchor + BAD_TO, "connected only after the Bad window: nothing to show"
     flagged = [r for r in ok if "program" in r.bad]
     assert flagged, "the Bad status was never reported"
-    assert all("program" not in r.values for r in flagged)
+    assert all("program" not in r.values and r.reasons["program"] == "bad_status" for r in flagged)
     # From the first Bad reading to the next Good one, no snapshot holds a program, although the
     # server keeps sending the last value ("O1001") inside the Bad DataValue.
     first = ok.index(flagged[0])
     back = next(i for i in range(first, len(ok)) if "program" in ok[i].values)
-    assert all("program" not in r.values for r in ok[first:back])
+    assert all("program" not in r.values and "program" in r.bad for r in ok[first:back])  # named in every one
+    assert "program" not in ok[back].bad and not ok[back].reasons
     assert ok[back].values["program"] == "O1001"
     assert all(r.values.get("job_id") for r in ok[first:back])  # other points keep their values
     if mode == "subscribe":  # changes carry the instants the simulator gave them

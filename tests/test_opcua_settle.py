@@ -15,6 +15,7 @@ often fall between two writes of one instant. Two drivers follow the same machin
 """
 
 import asyncio
+import logging
 import math
 import time
 
@@ -25,7 +26,7 @@ from energy_agent.drivers import opcua
 from energy_agent.drivers.nodemap import load_nodemap
 from energy_agent.drivers.opcua import CncDriver
 from energy_agent.simulators import scenario as scn
-from energy_agent.simulators.cnc import BAD, CncBank, cnc_events
+from energy_agent.simulators.cnc import CncBank, NotGood, cnc_events
 from energy_agent.simulators.services import free_port
 
 SPEED = 50.0
@@ -53,7 +54,7 @@ def _truth(s: scn.Scenario) -> tuple[list[dict], list[float]]:
     for t, changed in cnc_events(s, s.machines[0]):
         state.update(changed)
         if math.isfinite(t):
-            out.append({q: v for q, v in state.items() if v is not BAD})
+            out.append({q: v for q, v in state.items() if not isinstance(v, NotGood)})
             times.append(t)
     return out, times
 
@@ -77,9 +78,11 @@ def _check_whole(seen: list[dict], truth: list[dict], times: list[float], spans:
     return slow
 
 
-async def _follow(s: scn.Scenario, settles: list[float | None], until_s: float) -> tuple[list, list[list], dict]:
-    """Drivers with these settle_s on one machine of a spreading CNC server, until plant time
-    ``until_s``; their snapshots from just before the first job; the server's write spans."""
+async def _follow(s: scn.Scenario, settles: list[float | None], until_s: float,
+                  min_interval_s: float = 0.0) -> tuple[list, list[list], dict]:
+    """Drivers with these settle_s on one machine of a spreading CNC server (granting at least
+    ``min_interval_s`` real seconds of publishing interval), until plant time ``until_s``; their
+    snapshots from just before the first job; the server's write spans."""
     clock = Clock(speed=SPEED, anchor=time.time())
     port = free_port()
     nm = load_nodemap("opc40502")
@@ -88,7 +91,7 @@ async def _follow(s: scn.Scenario, settles: list[float | None], until_s: float) 
     drivers = [CncDriver(f"cnc-{k}", f"opc.tcp://127.0.0.1:{port}", nm, ids, clock, readings[k].append,
                          interval_s=INTERVAL_S, timeout_s=2.0, settle_s=settle) for k, settle in enumerate(settles)]
     stop = asyncio.Event()
-    bank = CncBank(s, clock, port=port, write_spread_s=SPREAD_S)
+    bank = CncBank(s, clock, port=port, write_spread_s=SPREAD_S, min_publishing_interval_s=min_interval_s)
     await bank.start()
     tasks = [asyncio.create_task(d.run(stop)) for d in drivers]
     try:
@@ -139,3 +142,30 @@ async def test_a_settle_s_of_its_own_waits_for_quiet_and_keeps_instants_whole():
     assert not d.by_publish_time
     assert seen[:12] == truth[:12]  # four jobs, each instant whole
     assert d.settled["publish"] == 0 and d.settled["quiet"] > 0
+
+
+GRANTED_S = 0.23  # real s: 2.5 x the interval asked for, and instants (multiples of 0.1 real s) fall at
+# every phase of it
+
+
+async def test_a_server_granting_a_longer_publishing_interval_still_gets_whole_instants(caplog):
+    """The server revises the requested publishing interval (0.09 real s) up to 0.23 s. The wait
+    for the second half of a split instant and the quiet period must follow the granted
+    interval: taken from the requested one, an instant split by a response would be handed over
+    in halves, the rest coming a granted interval later. settle_s 0 is the control that this
+    server does split instants at its pace."""
+    caplog.set_level(logging.INFO, logger="energy_agent.drivers.opcua")
+    s = _scenario()
+    truth, times = _truth(s)
+    drivers, (auto, zero), spans = await _follow(s, [None, 0.0], FIRST_S + JOBS * EVERY_S + 15.0,
+                                                 min_interval_s=GRANTED_S)
+    d = drivers[0]
+    assert math.isclose(d.publish_interval_s, GRANTED_S)
+    assert d.next_publish_s > GRANTED_S and d.quiet_s > GRANTED_S
+    assert math.isclose(d.quiet_s, 1.5 * GRANTED_S + 0.05) and math.isclose(d.next_publish_s, 1.25 * GRANTED_S + 0.05)
+    asked = INTERVAL_S / SPEED
+    assert asked + 0.05 < GRANTED_S and 1.25 * asked + 0.05 < GRANTED_S  # what the requested interval gave
+    assert [r.getMessage() for r in caplog.records if "publishes every 0.23 s" in r.getMessage()]
+    slow = _check_whole(auto, truth, times, spans)
+    assert len(slow) < len(truth) // 4, f"the server wrote {len(slow)} of {len(truth)} instants too slowly to test"
+    assert [v for v in zero if v not in truth], "settle_s 0 sees instants this server split"

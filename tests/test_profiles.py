@@ -46,10 +46,14 @@ def test_every_builtin_profile_loads_and_cites_its_source():
         assert "energy_import_kwh" in prof.points and "power_w" in prof.points
 
 
-def test_sdm630_reads_energy_quantities_in_one_request():
+def test_sdm630_never_reads_across_unmapped_registers():
+    # Eastron meters answer exception 2 to a request touching an unmapped register (30055..30072
+    # has gaps), so power (30053) and energy (30073) are two requests; adjacent points are one.
     prof = load_profile("eastron-sdm630")
     blocks = plan_blocks(prof, ["power_w", "energy_import_kwh"])
-    assert [(b.function, b.start, b.count) for b in blocks] == [("input", 52, 22)]
+    assert [(b.function, b.start, b.count) for b in blocks] == [("input", 52, 2), ("input", 72, 2)]
+    spans = [(b.start, b.count) for b in plan_blocks(prof)]
+    assert spans == [(0, 12), (52, 2), (62, 2), (70, 6)] and not any(b.gaps for b in plan_blocks(prof))
 
 
 def test_coalescing_respects_gap_and_size():
@@ -84,3 +88,27 @@ def test_default_node_map_states():
     assert nm.state_of({"channel_status": 1, "program_status": 3}) == "interrupted"
     assert nm.state_of({"channel_status": 2, "program_status": 0, "operation_mode": 0}) == "ready"
     assert nm.state_of({}) == "ready"
+
+
+def test_a_copy_keeping_a_builtin_name_is_refused(tmp_path):
+    # Records say which map decoded them by name: a copy with a changed address under the
+    # built-in's name would pass for the original.
+    from energy_agent.core.errors import ConfigError
+    from energy_agent.drivers.nodemap import NODEMAP_DIR
+
+    text = (PROFILE_DIR / "eastron-sdm630.yaml").read_text()
+    (tmp_path / "my-sdm.yaml").write_text(text.replace("max_gap: 0 ", "max_gap: 4 "))
+    with pytest.raises(ConfigError) as err:
+        load_profile("my-sdm.yaml", tmp_path)
+    assert str(err.value) == ("meter profile my-sdm.yaml: name 'eastron-sdm630' is a built-in profile's; "
+                              "give your copy its own name")
+    (tmp_path / "my-sdm.yaml").write_text(text.replace("name: eastron-sdm630", "name: my-sdm"))
+    assert load_profile("my-sdm.yaml", tmp_path).name == "my-sdm"
+    # the built-in file itself, given by its path, is the built-in
+    assert load_profile(str(PROFILE_DIR / "eastron-sdm630.yaml")) is load_profile("eastron-sdm630")
+
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "cnc.yaml").write_text((NODEMAP_DIR / "opc40502.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"^node map maps/cnc.yaml: name 'opc40502' is a built-in node map's; "
+                                          "give your copy its own name$"):
+        load_nodemap("maps/cnc.yaml", tmp_path)

@@ -1,8 +1,11 @@
 """``energy-agent probe``: read one device once and show what the agent would see.
 
 For a meter: every point of its profile, read in the same coalesced requests the agent uses,
-with the raw registers, the decoded value and unit, and plausibility warnings (a value out of
-range that would be plausible with the other word or byte order is named as such). For a CNC:
+with the request that read it, the raw registers, the decoded value and unit, and plausibility
+warnings (a value out of range that would be plausible with the other word or byte order is
+named as such). A coalesced request the meter refuses (exception 2 or 3: it will not read
+across registers it does not map) is split as the agent splits it; ``notes`` say which spans
+had to be read separately and why, and the rows show the requests that were used. For a CNC:
 every node of its node map with its status and SourceTimestamp, and the operating state and
 job key the agent would derive. Exit status 0 when the device answered and nothing is
 implausible, 1 otherwise.
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from energy_agent.app.config import Loaded
 from energy_agent.core.errors import ConfigError, DeviceError
 from energy_agent.drivers import codec
-from energy_agent.drivers.profile import METER_QUANTITIES, MeterProfile, plan_blocks
+from energy_agent.drivers.profile import METER_QUANTITIES, MeterProfile
 
 RANGES = {
     "voltage": (50.0, 1000.0),
@@ -32,6 +35,8 @@ class ProbeResult:
     device: str
     rows: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the probe learned about the device (requests it refused and how they were read)."""
     error: str | None = None
 
     @property
@@ -76,31 +81,47 @@ def check_point(q: str, regs: list[int], profile: MeterProfile) -> tuple[float, 
     return value, f"{q} = {value:.6g} {METER_QUANTITIES[q]} is outside {lo:g}..{hi:g}{hint}"
 
 
+def note(split, profile: MeterProfile) -> str:
+    """What a refused request (a ``energy_agent.drivers.modbus.Split``) says about the meter."""
+    text = f"{split}; the agent reads this meter the same way"
+    if split.refused.gaps:
+        text += (f" (profile {profile.name} lets a request span {profile.max_gap} unmapped registers "
+                 "(max_gap); this meter reads none)")
+    return text
+
+
 async def probe_meter(loaded: Loaded, device_id: str) -> ProbeResult:
-    from energy_agent.drivers.modbus import ModbusBus
+    from energy_agent.core.clock import Clock
+    from energy_agent.drivers.modbus import MeterDriver, ModbusBus
 
     dev = loaded.config.meter(device_id)
     profile = loaded.profiles[device_id]
     res = ProbeResult(device_id)
     bus = ModbusBus.for_meter(dev)
+    driver = MeterDriver(device_id, dev.unit_id, profile, bus, Clock(), timeout_s=dev.timeout_s,
+                         retries=dev.retries, pause_s=dev.pause_s, quantities=tuple(profile.points))
     try:
-        for block in plan_blocks(profile):
-            try:
-                regs = await bus.read(dev.unit_id, block.function, block.start, block.count, dev.timeout_s,
-                                      dev.pause_s)
-            except DeviceError as exc:
-                res.error = str(exc)
-                return res
-            for q, off, p in block.members:
-                raw = regs[off : off + codec.width(p.type)]
-                value, warning = check_point(q, raw, profile)
-                res.rows.append({"quantity": q, "value": f"{value:.6g}", "unit": METER_QUANTITIES[q],
-                                 "register": f"{p.function} {p.address}", "type": p.type,
-                                 "raw": " ".join(f"{r:04x}" for r in raw)})
-                if warning:
-                    res.warnings.append(warning)
+        blocks = await driver.read()
+    except DeviceError as exc:
+        res.error = str(exc)
+        return res
     finally:
+        res.notes = [note(split, profile) for split in driver.learned]
         await bus.close()
+    split_from = {part.span: split for split in reversed(driver.learned) for part in split.parts}
+    for block, regs in blocks:
+        request = f"{block.function} {block.start}+{block.count}"
+        if block.span in split_from:
+            split = split_from[block.span]
+            request += f" (split: {split.refused.span} refused, exception {split.code})"
+        for q, off, p in block.members:
+            raw = regs[off : off + codec.width(p.type)]
+            value, warning = check_point(q, raw, profile)
+            res.rows.append({"quantity": q, "value": f"{value:.6g}", "unit": METER_QUANTITIES[q],
+                             "register": f"{p.function} {p.address}", "type": p.type, "request": request,
+                             "raw": " ".join(f"{r:04x}" for r in raw)})
+            if warning:
+                res.warnings.append(warning)
     return res
 
 

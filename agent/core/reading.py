@@ -13,10 +13,22 @@ class Reading:
 
     ``t`` is on the agent's monotonic clock (seconds), ``wall`` the UTC stamp of the same
     instant. ``values`` maps quantity names (``power_w``, ``energy_import_kwh``, ``program``,
-    ``channel_status``, ...) to decoded values; a quantity whose raw value was unusable
-    (NaN, Bad status, implausible) is absent and named in ``bad``, and ``reasons`` may say why
-    (quantity -> one of :data:`BAD_REASONS`). ``error`` is set, and ``values`` empty, when the
+    ``channel_status``, ...) to decoded values. ``bad`` names every quantity whose value is not
+    fully trusted, and ``reasons`` says why (quantity -> one of :data:`BAD_REASONS`): a quantity
+    whose raw value was unusable (NaN, implausible, an OPC UA Bad status) is absent from
+    ``values``; one whose reason is in :data:`USABLE_REASONS` (an OPC UA Uncertain status) keeps
+    its value in ``values`` and is only flagged. ``error`` is set, and ``values`` empty, when the
     device did not answer at all.
+
+    From a CNC (OPC UA), ``values`` is the device's whole state after this instant, and ``bad``
+    names every point that is not Good at it (not only those that changed). ``stamps`` maps each
+    point to the SourceTimestamp (UTC seconds since the epoch) the server reported for its
+    current value, Bad ones included; a point is absent when the server sent none. ``initial``
+    is True for the first snapshot of a connection (the first connect and every reconnect): the
+    values of one Read request, stamped ``t``/``wall`` at their receipt, whatever happened
+    before it; what changed while the agent was not connected shows only in ``stamps``. Every
+    later reading is one instant, stamped with its SourceTimestamp (clamped between the previous
+    reading and its arrival). Meters leave ``stamps`` empty and ``initial`` False.
     """
 
     device: str
@@ -26,6 +38,8 @@ class Reading:
     bad: tuple[str, ...] = ()
     error: str | None = None
     reasons: Mapping[str, str] = field(default_factory=dict)
+    stamps: Mapping[str, float] = field(default_factory=dict)
+    initial: bool = False
 
     @property
     def ok(self) -> bool:
@@ -38,8 +52,12 @@ BAD_REASONS = {
     "not_available": "the register type's 'not available' value",
     "implausible": "above the profile's max_power_w",
     "negative": "negative power on a consumption meter",
+    "bad_status": "OPC UA status Bad",
+    "uncertain_status": "OPC UA status Uncertain; value used",
 }
 """Why a value is in ``Reading.bad``: code -> what it means (for messages)."""
+USABLE_REASONS = frozenset({"uncertain_status"})
+"""Reasons whose quantity keeps its value in ``Reading.values``: flagged, still used."""
 
 
 class Availability:
@@ -65,8 +83,10 @@ class Availability:
         self._see(None, not r.ok, now, lambda: f"{self.name}: unavailable ({r.error})", out)
         if r.ok:
             for q in sorted(set(r.bad) | {q for q in self._down if q is not None}):
-                why = BAD_REASONS.get(r.reasons.get(q, ""), "unusable value")
-                self._see(q, q in r.bad, now, lambda q=q, why=why: f"{self.name}: {q} unavailable ({why})", out)
+                code = r.reasons.get(q, "")
+                why = BAD_REASONS.get(code, "unusable value")
+                what = "uncertain" if code in USABLE_REASONS else "unavailable"
+                self._see(q, q in r.bad, now, lambda q=q, why=why, what=what: f"{self.name}: {q} {what} ({why})", out)
         return out
 
     def _see(self, subject: str | None, failed: bool, now: float, message, out: list) -> None:

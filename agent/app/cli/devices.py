@@ -44,6 +44,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     res = asyncio.run(probe(load_config(args.config), args.device))
     if res.rows:
         print_table(res.rows, list(res.rows[0]))
+    for n in res.notes:
+        print(f"note: {n}")
     for w in res.warnings:
         print(f"warning: {w}")
     if res.error:
