@@ -6,9 +6,9 @@ import asyncio
 import time
 
 from energy_agent.core import states
-from energy_agent.core.record import Record
+from energy_agent.core.record import JobRecord, Record, parse_record
 from energy_agent.domain.energy import JobEnergy
-from energy_agent.domain.tracker import FinishedJob, JobInfo
+from energy_agent.domain.spans import FinishedJob, JobInfo
 from energy_agent.drivers.config import Calibration, MeterDevice
 from energy_agent.records import record
 from energy_agent.records.config import EmissionFactor
@@ -40,8 +40,8 @@ def finished_job(*, machine: str = "m1", key: str = "J-1", start_wall: float = T
 
 
 def build(seq: int, prev_hash: str, *, site: str = "plant", agent: str = "gw", factor: EmissionFactor = FACTOR,
-          **job) -> Record:
-    return record.build(site=site, agent=agent, seq=seq, prev_hash=prev_hash, job=finished_job(**job),
+          **job) -> JobRecord:
+    return record.build(site=site, agent=agent, seq=seq, prev_hash=prev_hash, span=finished_job(**job),  # type: ignore[return-value]
                         factor=factor.as_factor("vn-2023"), meter=METER.as_ref("eastron-sdm630"), cnc=None,
                         config_hash="c" * 64)
 
@@ -50,7 +50,7 @@ def edited(rec: Record, change) -> Record:
     """A copy of ``rec`` whose JSON form ``change(d)`` edited (in place), parsed back: a tampered record."""
     d = rec.to_json()
     change(d)
-    return Record.parse(d)
+    return parse_record(d)
 
 
 async def fill(ledger, machine: str, n: int, *, first: int = 1, spacing_s: float = 1000.0, **kw) -> list[Record]:

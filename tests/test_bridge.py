@@ -21,7 +21,7 @@ from energy_agent.app import config
 from energy_agent.bridge.bridge import Bridge
 from energy_agent.bridge.lineproto import record_line, time_ns
 from energy_agent.core.errors import ConfigError, DeliveryError, RecordError
-from energy_agent.core.record import Record
+from energy_agent.core.record import parse_record
 from energy_agent.core.states import STATES
 from energy_agent.delivery.mqtt import MqttClient
 from energy_agent.simulators.services import (
@@ -47,13 +47,16 @@ def make_record(i: int, machine: str = "m9", t0: float = 1_790_000_000.0, prev: 
     by_state = dict.fromkeys(STATES, 0.0) | {"processing": round(kwh - 0.01, 6), "setup": 0.01}
     key = job.pop("key", f"J-{i}")
     rec = {
-        "schema": "energy-agent.job-record/1",
+        "schema": "energy-agent.job-record/2",
         "record_id": hashlib.sha256(f"{SITE}/{AGENT}/{machine}/{key}/{iso(start)}".encode()).hexdigest()[:32],
         "site": SITE, "agent": AGENT, "machine": machine, "seq": i + 1,
-        "job": {"key": key, "job_id": key, "program": "O42", "product": "PCB-7", "serial": f"S-{i:04d}",
-                "subassembly": None, "parts": 1, "end_reason": "parts_counter"} | job,
+        "job": {"key": key, "job_id": key, "program": "O42", "product": "PCB-7", "serials": [f"S-{i:04d}"],
+                "subassembly": None, "order": None, "assignment": "cnc", "parts": 1,
+                "end_reason": "parts_counter"} | job,
         "start": iso(start), "end": iso(start + 330), "duration_s": 330.0,
-        "energy": {"kwh": kwh, "estimated_kwh": 0.0, "method": "counter", "by_state": by_state},
+        "boundaries": {"start": {"basis": "observed", "reason": None}, "end": {"basis": "observed", "reason": None}},
+        "energy": {"kwh": kwh, "estimated_kwh": 0.0, "method": "counter", "by_state": by_state,
+                   "unknown_reason": None},
         "emissions": {"kgco2e": round(kwh * FACTOR["value"], 6),
                       "factor": {"id": "cn-2023", **FACTOR, "unit": "kgCO2e/kWh", "method": "",
                                  "valid_from": None, "valid_to": None}},
@@ -155,7 +158,7 @@ def assert_row_matches(row: dict, rec: dict) -> None:
     assert row["kgco2e"] == pytest.approx(rec["emissions"]["kgco2e"], abs=1e-12)
     assert row["factor"] == rec["emissions"]["factor"]["value"] and row["factor_id"] == "cn-2023"
     assert (row["site"], row["agent"], row["machine"], row["program"], row["product"], row["serial"]) == (
-        SITE, AGENT, rec["machine"], "O42", "PCB-7", rec["job"]["serial"])
+        SITE, AGENT, rec["machine"], "O42", "PCB-7", rec["job"]["serials"][0])
     assert row.get("subassembly") is None  # null in the record: no tag
     assert (row["job_id"], row["seq"], row["hash"], row["method"]) == (
         rec["job"]["job_id"], rec["seq"], rec["hash"], "counter")
@@ -169,7 +172,7 @@ def assert_row_matches(row: dict, rec: dict) -> None:
 
 def line_of(rec: dict, measurement: str = "job_energy") -> bytes:
     """What the bridge writes for a record as it arrives (JSON): parse, then encode."""
-    return record_line(Record.parse(rec), measurement)
+    return record_line(parse_record(rec), measurement)
 
 
 def point_of(rec: dict, measurement: str = "job_energy") -> bytes:
@@ -183,9 +186,11 @@ def point_of(rec: dict, measurement: str = "job_energy") -> bytes:
     p = Point(measurement).time(start, WritePrecision.NS)
     for tag in ("site", "agent", "machine"):
         p.tag(tag, rec[tag])
-    for tag in ("program", "product", "subassembly", "serial"):
+    for tag in ("program", "product", "subassembly"):
         if rec["job"][tag]:
             p.tag(tag, rec["job"][tag])
+    if len(rec["job"]["serials"]) == 1 and rec["job"]["serials"][0]:
+        p.tag("serial", rec["job"]["serials"][0])
     e, q = rec["energy"], rec["quality"]
     p.field("record_id", rec["record_id"]).field("job_id", rec["job"]["job_id"] or rec["job"]["key"])
     p.field("seq", int(rec["seq"])).field("kwh", float(e["kwh"]))
@@ -196,6 +201,10 @@ def point_of(rec: dict, measurement: str = "job_energy") -> bytes:
     p.field("duration_s", float(rec["duration_s"])).field("end_ns", end).field("coverage", float(q["coverage"]))
     p.field("gap_count", int(q["gap_count"])).field("longest_gap_s", float(q["longest_gap_s"]))
     p.field("counter_resets", int(q["counter_resets"])).field("method", e["method"]).field("hash", rec["hash"])
+    p.field("flags", ",".join(q["flags"])).field("serials", ",".join(rec["job"]["serials"]))
+    p.field("start_basis", rec["boundaries"]["start"]["basis"]).field("end_basis", rec["boundaries"]["end"]["basis"])
+    if rec["job"]["parts"] is not None:
+        p.field("parts", int(rec["job"]["parts"]))
     return p.to_line_protocol().encode("utf-8")
 
 
@@ -208,19 +217,20 @@ def test_point_is_the_contract():
     kv = dict(f.split("=", 1) for f in fields.split(","))
     assert set(kv) == {"record_id", "job_id", "seq", "kwh", *(f"kwh_{s}" for s in STATES), "estimated_kwh",
                        "kgco2e", "factor", "factor_id", "duration_s", "end_ns", "coverage", "gap_count",
-                       "longest_gap_s", "counter_resets", "method", "hash"}
+                       "longest_gap_s", "counter_resets", "method", "hash", "flags", "serials", "parts",
+                       "start_basis", "end_basis"}
     assert (kv["seq"], kv["gap_count"], kv["counter_resets"]) == ("4i", "1i", "0i")
     assert kv["end_ns"] == f"{1_790_001_800_123_456_000 + 330 * 10**9}i"
     assert kv["kwh"] == "1" and kv["method"] == '"counter"' and kv["record_id"] == f'"{rec["record_id"]}"'
     assert line_of(rec, "other").startswith(b"other,")
-    rec["job"].update(program=None, product="", serial=None, job_id=None)
+    rec["job"].update(program=None, product="", serials=[], job_id=None)
     head = line_of(rec).decode().split(" ")[0]
     assert head == "job_energy,agent=gw1,machine=m9,site=s1"
     assert b'job_id="J-3"' in line_of(rec)  # no job id: the job key
 
 
 @pytest.mark.parametrize("path,value,message", [
-    ("schema", "energy-agent.job-record/2", "record field schema: unknown schema 'energy-agent.job-record/2'"),
+    ("schema", "energy-agent.job-record/9", "record field schema: unknown schema 'energy-agent.job-record/9'"),
     ("energy.kwh", "1.5", "record field energy.kwh: Input should be a valid number"),
     ("energy.by_state.setup", None, "record field energy.by_state.setup: Input should be a valid number"),
     ("seq", 1.0, "record field seq: Input should be a valid integer"),
@@ -229,7 +239,7 @@ def test_point_is_the_contract():
                                              "what InfluxDB can store"),
     ("end", "yesterday", "record field end: String should match pattern"),
     ("machine", "", "record field machine: String should match pattern"),
-    ("job.serial", 7, "record field job.serial: Input should be a valid string"),
+    ("job.serials", 7, "record field job.serials: Input should be a valid array"),
     ("hash", None, "record field hash: Input should be a valid string"),
     ("seq", 2**64, "record field seq"),
 ])
@@ -264,8 +274,9 @@ def _variants(rng) -> list[dict]:
     for i in range(400):
         rec = make_record(i, machine=rng.choice(IDS))
         job = rec["job"]
-        for tag in ("program", "product", "serial", "subassembly"):
+        for tag in ("program", "product", "subassembly"):
             job[tag] = rng.choice([None, "", rng.choice(AWKWARD), f"{tag}-{i}"])
+        job["serials"] = rng.choice([[], [rng.choice(AWKWARD)], [f"S-{i}"], [f"S-{i}", "S-x"]])
         rec["site"], rec["agent"] = rng.choice([SITE, *IDS]), rng.choice([AGENT, *IDS])
         job["job_id"] = rng.choice([None, "", job["key"], rng.choice(AWKWARD)])
         job["key"] = rng.choice([job["key"], rng.choice(AWKWARD)])
@@ -281,7 +292,7 @@ def _variants(rng) -> list[dict]:
         rec["seq"] = rng.choice([0, 1, i, 2**53 - 1])
         rec["quality"]["gap_count"] = rng.choice([0, 3, 2**31])
         rec["emissions"]["factor"]["id"] = rng.choice(["cn-2023", *AWKWARD])
-        rec["energy"]["method"] = rng.choice(["counter", "power", "mixed", "none"])
+        rec["energy"]["method"] = rng.choice(["counter", "power", "mixed"])
         rec["start"] = rng.choice([rec["start"], "1970-01-01T00:00:00.000000Z", "1969-12-31T23:59:59.999999Z",
                                    "2024-02-29T12:00:00.500000Z", "1677-09-22T00:00:00.000000Z",
                                    "2262-04-10T23:59:59.999999Z"])
@@ -315,7 +326,7 @@ def test_malformed_records_raise_only_record_errors():
            "2026-02-30T00:00:00.000000Z", "2026-01-01T24:00:00.000000Z", "2026-01-01T00:00:60.000000Z",
            "２０２６-01-01T00:00:00.000000Z"]
     paths = ["schema", "record_id", "site", "agent", "machine", "seq", "start", "end", "duration_s", "hash",
-             "job", "job.key", "job.job_id", "job.program", "job.product", "job.serial", "job.subassembly",
+             "job", "job.key", "job.job_id", "job.program", "job.product", "job.serials", "job.subassembly",
              "energy", "energy.kwh", "energy.estimated_kwh", "energy.method", "energy.by_state",
              *(f"energy.by_state.{s}" for s in STATES), "emissions", "emissions.kgco2e", "emissions.factor",
              "emissions.factor.value", "emissions.factor.id", "quality", "quality.coverage", "quality.gap_count",
@@ -340,7 +351,7 @@ def test_malformed_records_raise_only_record_errors():
         except ValueError:
             continue
         try:
-            record_line(Record.parse(payload))
+            record_line(parse_record(payload))
         except RecordError:
             errors += 1
     assert errors > len(cases) // 2  # the mutations mostly break the record
@@ -553,7 +564,7 @@ async def test_bridge_in_small_batches_lands_awkward_strings_and_acks_everything
     for rec in recs:
         row = rows[rec["record_id"]]
         assert (row["program"], row["factor_id"], row["serial"]) == (
-            rec["job"]["program"], rec["emissions"]["factor"]["id"], rec["job"]["serial"])
+            rec["job"]["program"], rec["emissions"]["factor"]["id"], rec["job"]["serials"][0])
         assert row["kwh"] == pytest.approx(rec["energy"]["kwh"], abs=1e-12) and row["seq"] == rec["seq"]
     # Same session again: the broker resends what was never acknowledged first, then a new record.
     sentinel = make_record(150, machine="bt")
@@ -588,7 +599,7 @@ async def test_bridge_to_victoriametrics_v2(tmp_path, mosquitto, own_victoria, m
     assert set(series) == {f"job_energy_{f}" for f in (
         "record_id", "job_id", "seq", "kwh", *(f"kwh_{s}" for s in STATES), "estimated_kwh", "kgco2e", "factor",
         "factor_id", "duration_s", "end_ns", "coverage", "gap_count", "longest_gap_s", "counter_resets", "method",
-        "hash")}
+        "hash", "flags", "serials", "parts", "start_basis", "end_basis")}
     kwh = series["job_energy_kwh"]
     assert {k: v for k, v in kwh["metric"].items() if k != "serial"} == {
         "__name__": "job_energy_kwh", "site": SITE, "agent": AGENT, "machine": "vm-m1",
@@ -618,7 +629,7 @@ def _mutations(rec: dict) -> list[bytes]:
                         ("start", "0001-01-01T00:00:00.000000Z"),
                         # wrong types, nulls and empty values, one field at a time
                         ("site", None), ("site", ""), ("agent", 5), ("machine", ""), ("record_id", 123),
-                        ("record_id", None), ("job.job_id", 7), ("job.program", ["O1"]), ("job.serial", {"a": 1}),
+                        ("record_id", None), ("job.job_id", 7), ("job.program", ["O1"]), ("job.serials", {"a": 1}),
                         ("energy.by_state.processing", "9"), ("energy.by_state.setup", None),
                         ("energy.by_state", {}), ("energy.estimated_kwh", "0"), ("energy.kwh", [1.0]),
                         ("energy.method", 1), ("emissions.factor.value", "0.5"), ("emissions.factor.id", 3),

@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from energy_agent.app.demo import tolerance_kwh
-from energy_agent.core.record import Record
+from energy_agent.core.record import parse_record
 from energy_agent.records.ledger import Ledger
 from energy_agent.records.record import verify_chain
 from energy_agent.simulators.plant import PlantRun
@@ -62,13 +62,15 @@ class Plant:
             time.sleep(min(0.05, max(0.0, target - time.time())))
 
     def ledger_rows(self) -> list[tuple]:
-        """(record_id, sent_at, confirmed_at) of every ledger row, read without disturbing the agent."""
+        """(record_id, sent_at, confirmed_at, is a job record) of every ledger row, read without
+        disturbing the agent."""
         path = self.run.workdir / "ledger.db"
         if not path.exists():
             return []
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         try:
-            return db.execute("SELECT record_id, sent_at, confirmed_at FROM records").fetchall()
+            return db.execute("SELECT record_id, sent_at, confirmed_at, instr(body, 'job-record/') > 0 "
+                              "FROM records").fetchall()
         except sqlite3.OperationalError:  # schema not created yet
             return []
         finally:
@@ -85,7 +87,7 @@ class Plant:
         """Wait for every job in the ledger and in InfluxDB, stop everything, check and report."""
         n = len(self.truth)
         timeout = max(0.0, self.run.end_wall - time.time()) + 90
-        self.run.wait_until(lambda: len(self.ledger_rows()) >= n, timeout, f"{n} records in the ledger")
+        self.run.wait_until(lambda: sum(r[3] for r in self.ledger_rows()) >= n, timeout, f"{n} job records in the ledger")
 
         def points():
             rows = self.influx.query("SELECT * FROM job_energy", "energy")
@@ -93,12 +95,15 @@ class Plant:
 
         # Records the broker lost are published again after mqtt.resend_after_s: wait that long too.
         rows = self.run.wait_until(points, 60 + OVERRIDES["mqtt"]["resend_after_s"], f"{n} points in InfluxDB")
-        def all_confirmed():
+
+        def all_confirmed():  # jobs and the intervals between them
             got = self.ledger_rows()
             return got if all(r[2] for r in got) else None
 
         confirmed = self.run.wait_until(all_confirmed, 60, "every record confirmed by the bridge")
         codes = self.run.stop()
+        intervals = {r[0] for r in self.ledger_rows() if not r[3] and r[2]}  # confirmed: in the store
+        interval_rows = self.influx.query("SELECT * FROM machine_energy", "energy")
         led = Ledger(self.run.workdir / "ledger.db")
         try:
             records = [r.to_json() for r in led.records()]  # the records' JSON form: the contract
@@ -109,6 +114,7 @@ class Plant:
         by_rid: dict[str, list[dict]] = {}
         for r in rows:
             by_rid.setdefault(r["record_id"], []).append(r)
+        records, all_records = [r for r in records if "job" in r], records
         by_job = {(r["machine"], r["job"]["job_id"]): r for r in records}
         lost = [t["job_id"] for t in self.truth if (t["machine"], t["job_id"]) not in by_job
                 or by_job[(t["machine"], t["job_id"])]["record_id"] not in by_rid]
@@ -129,7 +135,9 @@ class Plant:
             assert pt["kwh"] == pytest.approx(rec["energy"]["kwh"], rel=1e-12, abs=1e-12)
             assert pt["kgco2e"] == pytest.approx(rec["emissions"]["kgco2e"], rel=1e-12, abs=1e-12)
             assert pt["job_id"] == rec["job"]["job_id"]
-        assert verify_chain([Record.parse(r) for r in records]) == []
+        assert verify_chain([parse_record(r) for r in all_records]) == []
+        # The intervals between jobs: each confirmed one in the store exactly once.
+        assert sorted(r["record_id"] for r in interval_rows if r["record_id"] in intervals) == sorted(intervals)
         assert all(code == 0 for code in codes.values()), codes
         report["records_by_job"] = by_job
         return report

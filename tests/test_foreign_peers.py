@@ -163,7 +163,7 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server, mode
         await _write(nodes["run_state"], 0, ua.VariantType.Int32, t3)
         await _write(nodes["parts_total"], parts_before + 1, ua.VariantType.UInt32, t3)
         await _write(nodes["job_id"], "", ua.VariantType.String, t3)
-        await _until(lambda: agent.stats.records >= 1, 15, "the job record")
+        await _until(lambda: agent.stats.records >= 2, 15, "the idle interval before the job, and the job record")
     finally:
         stop.set()
         await task
@@ -174,12 +174,13 @@ async def test_agent_against_foreign_modbus_and_opcua(tmp_path, cnc_server, mode
     ledger = Ledger(tmp_path / "ledger.db")
     recs = [r.to_json() for r in ledger.records()]  # the records' JSON form: the contract
     ledger.close_sync()
-    assert len(recs) == 1
-    r = recs[0]
+    jobs = [r for r in recs if "job" in r]
+    assert len(jobs) == 1
+    r = jobs[0]
     # product and subassembly are not on this CNC: they come from the machine's program table.
     assert r["job"] == {"key": "ORD-1", "job_id": "ORD-1", "program": "P-77", "product": "SPU-40",
-                        "serial": "S-0001", "subassembly": "spindle-housing", "parts": 1,
-                        "end_reason": "parts_counter"}
+                        "serials": ["S-0001"], "subassembly": "spindle-housing", "order": None,
+                        "assignment": "cnc", "parts": 1, "end_reason": "parts_counter"}
     assert r["start"] == datetime.fromtimestamp(t1, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert r["end"] == datetime.fromtimestamp(t3, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     true_setup = 2000.0 * (t2 - t1) / 3.6e6

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import yaml
 
 from energy_agent.app import config
+from energy_agent.domain.spans import FinishedJob
 from energy_agent.app.runtime import Agent
 from energy_agent.core.clock import Clock
 from energy_agent.simulators import scenario as scn
@@ -62,9 +63,10 @@ async def test_each_job_is_finished_by_a_read_at_its_end(tmp_path):
     finished = []
     store = agent._finished
 
-    def spy(job):
-        finished.append((job, agent.clock.mono()))
-        store(job)
+    def spy(span):
+        if isinstance(span, FinishedJob):
+            finished.append((span, agent.clock.mono()))
+        store(span)
 
     for tracker in agent.trackers.values():
         tracker.on_finished = spy

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from energy_agent.core.reading import Reading
+from energy_agent.domain.spans import FinishedJob
 from energy_agent.domain.tracker import MachineTracker
 from energy_agent.drivers.nodemap import load_nodemap
 
@@ -17,13 +18,16 @@ class Plant:
     """Feeds a tracker: a meter at constant power per segment, sampled every second."""
 
     def __init__(self, **kw):
-        self.jobs = []
+        self.jobs, self.intervals = [], []
         kw.setdefault("max_gap_s", 5.0)
         kw.setdefault("close_timeout_s", 10.0)
-        self.tr = MachineTracker("m1", load_nodemap("opc40502").rules, on_finished=self.jobs.append, **kw)
+        self.tr = MachineTracker("m1", load_nodemap("opc40502").rules, on_finished=self._finished, **kw)
         self.t = 0.0
         self.e = 100.0
         self.p = 1000.0
+
+    def _finished(self, span):
+        (self.jobs if isinstance(span, FinishedJob) else self.intervals).append(span)
 
     def cnc(self, t, **values):
         self.tr.on_cnc(Reading("cnc", t, 1_800_000_000.0 + t, values))
@@ -189,11 +193,19 @@ def test_meter_outage_flags_the_job_and_nan_power_is_not_a_sample():
     assert job.energy.coverage == 1.0  # the counter spans the silent second
 
 
-def test_buffers_stay_small_between_jobs():
-    pl = Plant()
+def test_idle_time_is_recorded_every_interval_and_the_buffers_stay_bounded():
+    """Between jobs the machine's energy is recorded in idle intervals cut at multiples of
+    interval_s (wall time); the samples kept never exceed one interval's worth."""
+    pl = Plant(interval_s=600.0)
     pl.cnc(0.5, **snapshot(IDLE))
     pl.run_to(5000)
-    assert len(pl.tr.samples) <= 65 and pl.tr.timeline.n <= 2
+    assert len(pl.tr.samples) <= 600 + 2 and pl.tr.timeline.n <= 2
+    assert not pl.jobs and [iv.kind for iv in pl.intervals] == ["idle"] * 8
+    assert [iv.end for iv in pl.intervals] == [600.0 * k for k in range(1, 9)]  # wall 1_800_000_000 is a multiple
+    assert pl.intervals[0].start == 0.5 and all(a.end == b.start for a, b in zip(pl.intervals, pl.intervals[1:]))
+    # 1 kW throughout: each full interval holds exactly 600 s of it (counter deltas, exact to rounding).
+    assert all(iv.energy.kwh == pytest.approx(1000 * 600 / 3.6e6, rel=1e-9) for iv in pl.intervals[1:])
+    assert all(iv.energy.method == "counter" and iv.parts == 0 for iv in pl.intervals)
 
 
 def test_job_start_stamped_before_the_latest_meter_sample_keeps_full_coverage():

@@ -6,7 +6,7 @@ import json
 import time
 from types import SimpleNamespace
 
-from energy_agent.core.record import Record
+from energy_agent.core.record import parse_record
 from energy_agent.delivery.mqtt import MqttClient
 from energy_agent.delivery.outbox import Publisher
 from energy_agent.records.ledger import Ledger
@@ -68,7 +68,7 @@ async def test_outbox_drains_and_survives_a_broker_outage(tmp_path):
         while len(seen) < 65:
             m = await sub.next_message(timeout=10)
             assert m is not None, f"consumer got {len(seen)} of 65"
-            rec = Record.parse(m.payload)
+            rec = parse_record(m.payload)
             assert m.topic == "energy/v1/s/a/m1/record" and rec.hash == rec.body_hash()
             seen.add(rec.seq)
         assert seen == set(range(1, 66))

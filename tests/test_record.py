@@ -8,7 +8,7 @@ from datetime import date
 import pytest
 
 from energy_agent.core.errors import RecordError
-from energy_agent.core.record import GENESIS, SCHEMA, Record, canonical_json
+from energy_agent.core.record import GENESIS, SCHEMA_JOB, JobRecordV1, canonical_json, parse_record
 from energy_agent.records.ledger import Ledger
 from energy_agent.records.record import verify_chain
 from tests import factories
@@ -47,7 +47,7 @@ def _build(seq, prev, **kw):
 
 def test_record_content_and_hash():
     r = _build(1, GENESIS)
-    assert r.schema == SCHEMA and r.seq == 1 and r.prev_hash == GENESIS
+    assert r.schema == SCHEMA_JOB and r.seq == 1 and r.prev_hash == GENESIS
     assert r.energy.kwh == 1.25 and r.emissions.kgco2e == pytest.approx(1.25 * 0.6592, abs=1e-9)
     assert r.start == "2026-09-21T14:13:20.000000Z" and r.duration_s == 300.0
     assert set(r.to_json()["energy"]["by_state"]) == {"off", "standby", "ready", "processing", "interrupted", "setup"}
@@ -59,15 +59,14 @@ def test_record_content_and_hash():
 
 def test_record_round_trips_through_its_canonical_json():
     r = _build(1, GENESIS)
-    assert Record.parse(r.canonical()) == r
-    assert Record.parse(r.to_json()) == r
-    assert Record.parse(r.canonical()).canonical() == r.canonical()
+    assert parse_record(r.canonical()) == r
+    assert parse_record(r.to_json()) == r
+    assert parse_record(r.canonical()).canonical() == r.canonical()
 
 
-def test_a_stored_record_of_schema_1_still_hashes_the_same():
-    """Record ids and hashes stay stable across the move to a typed record and the rfc8785
-    package: a record as the agent wrote it before (its canonical JSON, verbatim) parses and
-    hashes to its own hash."""
+def test_a_stored_record_of_schema_1_is_still_read_and_verified():
+    """A record of schema 1, as an earlier version wrote it (canonical JSON, verbatim), parses
+    to the same bytes and hashes to its own hash: ledgers written before schema 2 still verify."""
     # Written by the agent before this change (tests/factories.build(1, GENESIS), commit 2ac8d28).
     stored = (b'{"agent":"gw","allocation":"direct","cnc":null,"duration_s":300,"emissions":{"factor":{"authority":"'
               b'MONRE DCC","basis":"location","document":"notice 2023","id":"vn-2023","method":"CDM combined margin"'
@@ -84,10 +83,11 @@ def test_a_stored_record_of_schema_1_still_hashes_the_same():
               b'"estimated_share":0,"flags":[],"gap_count":0,"longest_gap_s":0,"median_interval_s":1,"samples":301},'
               b'"record_id":"de1441b0db610c04547c6fd08123c0d1","schema":"energy-agent.job-record/1","seq":1,"site":"'
               b'plant","start":"2026-09-21T14:13:20.000000Z"}')
-    r = Record.parse(stored)
+    r = parse_record(stored)
+    assert isinstance(r, JobRecordV1)  # read as what it is, never rewritten
     assert r.canonical() == stored  # byte for byte: nothing added, dropped or reformatted
     assert r.body_hash() == r.hash == "af9d9be88851cc9d205ecd8fee81a05fb08d8c4c93988542c25aebf9a30ff2af"
-    assert r == _build(1, GENESIS)  # and today's agent builds the same record
+    assert verify_chain([r]) == []
 
 
 @pytest.mark.parametrize("change, message", [
@@ -106,7 +106,7 @@ def test_parse_refuses_what_is_not_a_record_and_names_the_field(change, message)
     d = _build(1, GENESIS).to_json()
     change(d)
     with pytest.raises(RecordError, match=message.replace(".", r"\.")):
-        Record.parse(d)
+        parse_record(d)
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -115,7 +115,7 @@ def test_parse_refuses_what_is_not_a_record_and_names_the_field(change, message)
 ])
 def test_parse_refuses_payloads_that_are_not_records(payload, message):
     with pytest.raises(RecordError, match=message):
-        Record.parse(payload)
+        parse_record(payload)
 
 
 def test_factor_outside_validity_is_flagged():

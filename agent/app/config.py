@@ -64,6 +64,12 @@ class Machine(Model):
         None, gt=0, le=86400,
         description="how long a finished job waits for the next meter sample (default: 10 poll intervals)"
     )
+    interval_s: Float = Field(3600.0, ge=60, le=86400, description=(
+        "idle and unobserved time between jobs is recorded in intervals cut at multiples of this (wall time); "
+        "the samples of one interval are kept in memory until it is recorded"))
+    outage_close_s: Float = Field(900.0, gt=0, le=7 * 86400, description=(
+        "an outage of the CNC longer than this ends the open job where it was last seen (end estimated) "
+        "without waiting for the CNC to come back (docs/EVIDENCE.md, Outages)"))
 
     @model_validator(mode="after")
     def _thresholds(self) -> Machine:

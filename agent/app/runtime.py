@@ -25,7 +25,8 @@ from energy_agent.core.errors import AgentError, DuplicateRecord
 from energy_agent.core.reading import Availability
 from energy_agent.core.record import Record
 from energy_agent.domain import energy
-from energy_agent.domain.tracker import FinishedJob, MachineTracker
+from energy_agent.domain.spans import Finished, FinishedJob
+from energy_agent.domain.tracker import MachineTracker
 from energy_agent.drivers.modbus import MeterDriver, ModbusBus
 from energy_agent.drivers.opcua import CncDriver
 from energy_agent.records import record
@@ -47,6 +48,8 @@ class Stats:
     polls: int = 0
     poll_errors: int = 0
     records: int = 0
+    jobs: int = 0
+    """Of ``records``, job records (the rest are intervals between jobs)."""
     skipped_ticks: int = 0
     """Meter poll ticks skipped because a poll ended after its next tick was due."""
     extra_polls: int = 0
@@ -76,6 +79,11 @@ class Stats:
                 "skipped_ticks": self.skipped_ticks, "extra_polls": self.extra_polls, "window_polls": int(n), "late_p50_ms": float(p50),
                 "late_p99_ms": float(p99), "late_max_ms": float(ms.max()) if n else float("nan"),
                 "late_hist": self.late_hist.tolist()}
+
+
+def _name(span: Finished) -> str:
+    """'job J-1001' or 'idle interval', for log lines."""
+    return f"job {span.info.key}" if isinstance(span, FinishedJob) else f"{span.kind} interval"
 
 
 def spread_phases(meters: list[tuple[str, tuple]]) -> dict[str, float]:
@@ -108,7 +116,7 @@ class Agent:
         self.ledger = Ledger(cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path)
         self.config_hash = cfg.config_hash()
         self.stats = Stats()
-        self.finished: asyncio.Queue[FinishedJob] = asyncio.Queue(cfg.ledger.hold_max)
+        self.finished: asyncio.Queue[Finished] = asyncio.Queue(cfg.ledger.hold_max)
         self.publisher = None
         self.mqtt = None
         self.status = None
@@ -151,6 +159,9 @@ class Agent:
                 close_timeout_s=m.close_timeout_s or 10 * meter.poll_interval_s,
                 rollover_kwh=profile.counter_rollover_kwh(), max_power_w=profile.max_power_w or 0.0,
                 lookback_s=(m.max_gap_s or 5 * meter.poll_interval_s) + 4 * cfg.cnc(m.cnc).interval_s,
+                counter_step_kwh=profile.counter_step_kwh(), counter_float32=profile.counter_is_float32(),
+                stale_min_s=max(60.0, 5 * meter.poll_interval_s),
+                interval_s=m.interval_s, outage_close_s=m.outage_close_s,
                 on_finished=self._finished, on_ending=self._read_soon(meter.id),
             )
             self.trackers[m.id] = tracker
@@ -179,7 +190,15 @@ class Agent:
                                        settle_s=c.settle_s))
 
     def _on_cnc(self, device_id: str, tracker: MachineTracker):
+        # Per point (the driver logs the connection's outages itself): a CNC sends readings on
+        # changes only and names every point that is not Good in each, so one good reading ends
+        # a point's outage (a meter's needs three polls, as it flaps on a timer).
+        availability = self.availability[device_id] = Availability(f"cnc {device_id}", back_after=1)
+
         def on_cnc(r) -> None:
+            if r.ok:
+                for level, line in availability.update(r, asyncio.get_running_loop().time()):
+                    log.log(level, "%s", line)
             if self.status is not None:
                 self.status.device(device_id, r.ok, r.error)
             tracker.on_cnc(r)
@@ -285,29 +304,29 @@ class Agent:
                 gc.freeze()
             await sleep_or_stop(stop, 0.5)
 
-    def _build_record(self, job: FinishedJob) -> Callable[[int, str], Record]:
+    def _build_record(self, span: Finished) -> Callable[[int, str], Record]:
         cfg, loaded = self.cfg, self.loaded
-        machine = next(m for m in cfg.machines if m.id == job.machine)
+        machine = next(m for m in cfg.machines if m.id == span.machine)
         factor, meter, cnc = loaded.factor(machine.emission_factor), loaded.meter_ref(machine.meter), loaded.cnc_ref(machine.cnc)
 
         def build(seq: int, prev_hash: str) -> Record:
-            return record.build(site=cfg.site, agent=cfg.agent_id, seq=seq, prev_hash=prev_hash, job=job,
+            return record.build(site=cfg.site, agent=cfg.agent_id, seq=seq, prev_hash=prev_hash, span=span,
                                 factor=factor, meter=meter, cnc=cnc, config_hash=self.config_hash)
         return build
 
-    async def _store(self, job: FinishedJob) -> Record | None:
-        """Commit a finished job's record; while the ledger fails, keep the job and retry."""
+    async def _store(self, span: Finished) -> Record | None:
+        """Commit a finished span's record; while the ledger fails, keep the span and retry."""
         backoff, failing = 0.0, False
         while True:
             try:
-                rec = await self.ledger.append(job.machine, self._build_record(job))
+                rec = await self.ledger.append(span.machine, self._build_record(span))
             except DuplicateRecord as exc:
                 log.warning("%s", exc)  # the same job finished twice: the first record stands
                 return None
             except AgentError as exc:
                 if not failing:
-                    log.error("ledger cannot store the record of %s job %s (%s); holding it and retrying",
-                              job.machine, job.info.key, exc)
+                    log.error("ledger cannot store the record of %s %s (%s); holding it and retrying",
+                              span.machine, _name(span), exc)
                     failing = True
                 backoff = min(self.store_retry_s[1], max(self.store_retry_s[0], backoff * 2))
                 await asyncio.sleep(backoff)
@@ -316,16 +335,15 @@ class Agent:
                 log.info("ledger accepts records again")
             return rec
 
-    def _finished(self, job: FinishedJob) -> None:
+    def _finished(self, span: Finished) -> None:
         try:
-            self.finished.put_nowait(job)
+            self.finished.put_nowait(span)
         except asyncio.QueueFull:
-            # The ledger has refused records for so long that hold_max jobs wait in memory:
-            # stop rather than drop. Open jobs stay in their checkpoints; this one is logged whole.
-            log.critical("ledger.hold_max (%d) finished jobs held in memory while the ledger refuses writes; "
-                         "stopping so that nothing more is lost. Not stored: %s job %s %s..%s %.6f kWh",
-                         self.finished.maxsize, job.machine, job.info.key, job.info.start_wall, job.end_wall,
-                         job.energy.kwh)
+            # The ledger has refused records for so long that hold_max spans wait in memory:
+            # stop rather than drop. Open spans stay in their checkpoints; this one is logged whole.
+            log.critical("ledger.hold_max (%d) finished jobs and intervals held in memory while the ledger refuses "
+                         "writes; stopping so that nothing more is lost. Not stored: %s %s ..%s %.6f kWh",
+                         self.finished.maxsize, span.machine, _name(span), span.end_wall, span.energy.kwh)
             self.fatal = "ledger refuses writes and the hold is full"
             if self._stop is not None:
                 self._stop.set()
@@ -348,7 +366,7 @@ class Agent:
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("checkpoint of machine %s is unreadable (%s): not resumed", machine, exc)
                 continue
-            jobs = ([tracker.open.key] if tracker.open else []) + [e.info.key for e in tracker.ending]
+            jobs = ([tracker.open.key] if tracker.open else []) + [e.info.key for e in tracker.ending if e.info]
             if jobs:
                 log.info("machine %s: resuming job(s) %s from the checkpoint (%d samples)", machine,
                          ", ".join(jobs), len(rows))
@@ -391,18 +409,21 @@ class Agent:
     async def _recorder(self) -> None:
         archive = self.archive
         while True:
-            job = await self.finished.get()
+            span = await self.finished.get()
             try:
-                rec = await self._store(job)
+                rec = await self._store(span)
             finally:
                 self.finished.task_done()
             if rec is None:
                 continue
             self.stats.records += 1
+            self.stats.jobs += isinstance(span, FinishedJob)
             if archive is not None:  # after the commit; never waits, never raises
-                archive.submit(rec.record_id, job)
-            log.info("job %s on %s: %.6f kWh (%s, coverage %.3f) seq %d", rec.job.key, job.machine,
-                     rec.energy.kwh, rec.energy.method, rec.quality.coverage, rec.seq)
+                archive.submit(rec.record_id, span)
+            kwh = "unknown" if rec.energy.kwh is None else f"{rec.energy.kwh:.6f}"
+            log.log(logging.INFO if isinstance(span, FinishedJob) else logging.DEBUG,
+                    "%s on %s: %s kWh (%s, coverage %.3f) seq %d", _name(span), span.machine, kwh,
+                    rec.energy.method, rec.quality.coverage, rec.seq)
             if self.publisher is not None:
                 self.publisher.notify()
 

@@ -43,10 +43,10 @@ from pathlib import Path
 
 from energy_agent.bridge.config import BridgeSettings
 from energy_agent.bridge.influx import InfluxWriter, WriteRejected
-from energy_agent.bridge.lineproto import record_line
+from energy_agent.bridge.lineproto import measurement_of, record_line
 from energy_agent.core.clock import sleep_or_stop
 from energy_agent.core.errors import ConfigError, DeliveryError, RecordError
-from energy_agent.core.record import Record, canonical_json
+from energy_agent.core.record import canonical_json, parse_record
 from energy_agent.delivery.mqtt import Message, client_from_config
 from energy_agent.delivery.outbox import confirm_topic
 
@@ -99,12 +99,13 @@ class Bridge:
     def convert(self, msg: Message) -> Converted | tuple[str, str]:
         """The point of a message, or ``(kind, reason)`` why it is not a record."""
         try:
-            rec = Record.parse(msg.payload)
+            rec = parse_record(msg.payload)
         except RecordError as exc:
             text = str(exc)
             return ("not JSON", text.removeprefix("not JSON: ")) if text.startswith("not JSON") else ("not a record", text)
         try:
-            line = record_line(rec, self.influx_cfg.measurement)
+            line = record_line(rec, measurement_of(rec, self.influx_cfg.measurement,
+                                                   self.influx_cfg.interval_measurement))
         except RecordError as exc:
             return "not a record", str(exc)
         expected = [rec.site, rec.agent, rec.machine, "record"]

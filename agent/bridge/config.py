@@ -26,7 +26,9 @@ class InfluxConfig(Model):
     bucket: Name | None = Field(None, description="v2: bucket")
     token_env: str | None = Field(None, pattern=ENV_NAME,
                                   description="v2: name of the environment variable holding the token")
-    measurement: Name = "job_energy"
+    measurement: Name = Field("job_energy", description="measurement of job records")
+    interval_measurement: Name = Field("machine_energy", description=(
+        "measurement of interval records (a machine's energy between jobs and while jobs could not be observed)"))
     timeout_s: Float = Field(10.0, ge=0.001, le=3600)
     subscription: str = Field(
         "energy/v1/+/+/+/record", description="MQTT topic filter the bridge subscribes to"

@@ -70,6 +70,12 @@ class MachineRules(Model):
     states: list[StateRule]
     job: JobRule = Field(default_factory=JobRule)
 
+    def points(self) -> list[str]:
+        """The CNC points these rules read: state conditions and job keys."""
+        seen = dict.fromkeys(p for rule in self.states for p in rule.when)
+        seen.update(dict.fromkeys(self.job.key))
+        return list(seen)
+
     def state_of(self, values: dict[str, Any]) -> str:
         for rule in self.states:
             if rule.matches(values):

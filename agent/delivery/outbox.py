@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from energy_agent.core.clock import wait_any
 from energy_agent.core.errors import DeliveryError
-from energy_agent.core.record import Record
+from energy_agent.core.record import parse_record
 from energy_agent.delivery.mqtt import MqttClient
 from energy_agent.records.ledger import Ledger
 
@@ -83,7 +83,7 @@ class Publisher:
     def _topic(self, body: str) -> str:
         """The record's topic, from the record itself (a record stored before a site or agent id
         change goes to its own topic)."""
-        return Record.parse(body).topic(self.prefix)
+        return parse_record(body).topic(self.prefix)
 
     async def _send(self, rows: list[tuple[int, str, str]], ahead: int = 0) -> tuple[list[int], Exception | None]:
         # The stored canonical JSON goes out as it is (no re-encoding); paho keeps max_inflight

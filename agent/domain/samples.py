@@ -95,6 +95,12 @@ class StateTimeline:
         self.n += 1
         return True
 
+    def replace_from(self, t: float, state: int) -> None:
+        """The state is ``state`` from ``t`` on, whatever was recorded after t (a state known
+        only from a snapshot taken after an outage replaces what was assumed meanwhile)."""
+        self.n = int(np.searchsorted(self.t[: self.n], t, side="left"))
+        self.append(t, state)
+
     def _grow(self) -> None:
         if self.n == len(self.t):
             t2 = np.empty(2 * self.n, np.float64)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from energy_agent.domain.energy import JobEnergy, JobInputs
+from energy_agent.domain.spans import Finished, FinishedJob
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ MAX_TEXT = 0xFFFF
 
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """One archived job: its record id, identity, kernel inputs and the agent's result."""
+    """One archived job or interval: its record id, identity (machine, job key or
+    ``interval:<kind>``), kernel inputs and the agent's result."""
 
     record_id: str
     machine: str
@@ -284,26 +286,27 @@ class ArchiveWriter:
         a = loaded.config.archive
         return cls(a.folder(loaded.config.ledger.path, loaded.base)) if a.enabled else None
 
-    def submit(self, record_id: str, job: Any) -> None:
-        """Queue the frame of ``job`` (an ``energy_agent.domain.tracker.FinishedJob``) stored as ``record_id``."""
+    def submit(self, record_id: str, span: Finished) -> None:
+        """Queue the frame of a finished job or interval stored as ``record_id``."""
         try:
-            self._pool.submit(self._write, record_id, job)
+            self._pool.submit(self._write, record_id, span)
         except RuntimeError:  # shut down: the agent is stopping
             log.warning("archive: closed; the frame of record %s is not written", record_id)
 
-    def _write(self, record_id: str, job: Any) -> None:
+    def _write(self, record_id: str, span: Finished) -> None:
         path = None
+        key, start_wall = (span.info.key, span.info.start_wall) if isinstance(span, FinishedJob) else (
+            span.key, span.start_wall)
         try:
-            if job.inputs is None:
-                raise ValueError("the job's samples were not captured")
-            info = job.info
-            frame = Frame(record_id, job.machine, info.key, info.start_wall, job.end_wall, job.inputs, job.energy)
-            path = path_for(self.folder, job.machine, job.end_wall)
+            if span.inputs is None:
+                raise ValueError("the samples were not captured")
+            frame = Frame(record_id, span.machine, key, start_wall, span.end_wall, span.inputs, span.energy)
+            path = path_for(self.folder, span.machine, span.end_wall)
             append(path, encode(frame))
-        except Exception as exc:  # noqa: BLE001 - never let the archive cost a record
+        except (OSError, ValueError) as exc:  # never let the archive cost a record
             if not self._failing:
-                log.error("archive: cannot append the frame of %s job %s (record %s) to %s: %s; records are "
-                          "stored as usual, frames are missing until this clears", job.machine, job.info.key,
+                log.error("archive: cannot append the frame of %s %s (record %s) to %s: %s; records are "
+                          "stored as usual, frames are missing until this clears", span.machine, key,
                           record_id, path or self.folder, exc)
                 self._failing = True
             return

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from energy_agent.core.errors import DuplicateRecord, RecordError
-from energy_agent.core.record import GENESIS, Record
+from energy_agent.core.record import GENESIS, Record, parse_record
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS records (
@@ -348,7 +348,7 @@ class Ledger:
 
     def _parse(self, row_id: int, body: str) -> Record:
         try:
-            return Record.parse(body)
+            return parse_record(body)
         except RecordError as exc:
             raise RecordError(f"{self.path}: row {row_id} is not a valid record: {exc}") from exc
 

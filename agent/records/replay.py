@@ -28,9 +28,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from energy_agent.core.errors import RecordError
-from energy_agent.core.record import Record, canonical_json
+from energy_agent.core.record import IntervalRecord, JobRecord, JobRecordV1, Record, canonical_json
 from energy_agent.domain.energy import JobEnergy, compute_job
-from energy_agent.domain.tracker import FinishedJob, JobInfo
+from energy_agent.domain.spans import Finished, FinishedInterval, FinishedJob, JobInfo
 from energy_agent.records import archive, record
 
 MISSING = "(missing)"
@@ -67,6 +67,9 @@ class Report:
     problems: list[archive.Problem] = field(default_factory=list)
     kernels: set[str] = field(default_factory=set)
     """Kernel versions named by the compared records."""
+    older: int = 0
+    """Records of an older schema: their frames are recomputed and compared, the records are not
+    rebuilt (this version builds records of the current schemas only)."""
 
     @property
     def ok(self) -> bool:
@@ -116,10 +119,10 @@ def _text(v: Any) -> str:
     return v if isinstance(v, str) else _bits(v)
 
 
-def finished_job(frame: archive.Frame, rec: Record, energy: JobEnergy) -> FinishedJob:
-    """The tracker's ``FinishedJob`` again: the window, samples and flags from the frame (as
-    ``MachineTracker._compute`` derives them), the job's descriptive fields from the record."""
-    x, j = frame.inputs, rec.job
+def _window(frame: archive.Frame, energy: JobEnergy) -> tuple[int, float | None, tuple[str, ...]]:
+    """Samples in the window, their median interval and the span's flags, as
+    ``MachineTracker._compute`` derives them from the same inputs."""
+    x = frame.inputs
     lo, hi = np.searchsorted(x.t, x.t0, "left"), np.searchsorted(x.t, x.t1, "right")
     inside = x.t[lo:hi]
     median = float(np.median(np.diff(inside))) if len(inside) > 1 else None
@@ -128,18 +131,32 @@ def finished_job(frame: archive.Frame, rec: Record, energy: JobEnergy) -> Finish
         flags.add("estimated_energy")
     if energy.coverage < 1.0:
         flags.add("incomplete_coverage")
+    return int(hi - lo), median, tuple(sorted(flags))
+
+
+def finished(frame: archive.Frame, rec: JobRecord | IntervalRecord, energy: JobEnergy) -> Finished:
+    """The tracker's finished job or interval again: window, samples and flags from the frame,
+    what the frame does not hold (job descriptors, boundaries, interval kind) from the record."""
+    x = frame.inputs
+    samples, median, flags = _window(frame, energy)
+    if isinstance(rec, IntervalRecord):
+        iv = rec.interval
+        return FinishedInterval(frame.machine, iv.kind, iv.reason, x.t0, frame.start_wall, x.t1, frame.end_wall,
+                                iv.parts, energy, samples, len(x.bad_t), median, flags, x)
+    j, b = rec.job, rec.boundaries
     info = JobInfo(key=frame.key, key_point="", start=x.t0, start_wall=frame.start_wall, job_id=j.job_id,
-                   program=j.program, product=j.product, serial=j.serial, subassembly=j.subassembly,
-                   flags=set(x.flags))
-    return FinishedJob(frame.machine, info, x.t1, frame.end_wall, j.end_reason, j.parts, energy,
-                       int(hi - lo), len(x.bad_t), median, tuple(sorted(flags)), x)
+                   program=j.program, product=j.product, serial=j.serials[0] if j.serials else None,
+                   subassembly=j.subassembly, assignment=j.assignment, flags=set(x.flags),
+                   start_basis=b.start.basis, start_reason=b.start.reason)
+    return FinishedJob(frame.machine, info, x.t1, frame.end_wall, j.end_reason, j.parts, energy, samples,
+                       len(x.bad_t), median, flags, x, b.end.basis, b.end.reason)
 
 
-def rebuild(frame: archive.Frame, rec: Record, energy: JobEnergy) -> Record:
-    """The record ``records.record.build`` makes of the replayed job, with the ledger record's
+def rebuild(frame: archive.Frame, rec: JobRecord | IntervalRecord, energy: JobEnergy) -> Record:
+    """The record ``records.record.build`` makes of the replayed span, with the ledger record's
     identity, chain position, factor, meter, CNC and provenance."""
     out = record.build(site=rec.site, agent=rec.agent, seq=rec.seq, prev_hash=rec.prev_hash,
-                       job=finished_job(frame, rec, energy), factor=rec.emissions.factor, meter=rec.meter,
+                       span=finished(frame, rec, energy), factor=rec.emissions.factor, meter=rec.meter,
                        cnc=rec.cnc, config_hash=rec.provenance.config_hash)
     # the version that made it, not this one
     return dataclasses.replace(out, provenance=rec.provenance).with_hash()
@@ -239,12 +256,15 @@ def _replay_frame(frame: archive.Frame, rec: Record | None, rep: Report) -> None
         rep.without_record.append(frame)
     else:
         rep.kernels.add(rec.provenance.kernel)
-        try:
-            rebuilt = rebuild(frame, rec, energy)
-        except (ValueError, RecordError) as exc:
-            diffs.append(("record", "ledger", "unreadable", f"cannot be rebuilt: {exc}"))
+        if isinstance(rec, JobRecordV1):
+            rep.older += 1
         else:
-            diffs += [(f, "ledger", a, b) for f, a, b in compare_record(rec, rebuilt)]
+            try:
+                rebuilt = rebuild(frame, rec, energy)
+            except (ValueError, RecordError) as exc:
+                diffs.append(("record", "ledger", "unreadable", f"cannot be rebuilt: {exc}"))
+            else:
+                diffs += [(f, "ledger", a, b) for f, a, b in compare_record(rec, rebuilt)]
     rep.replayed += 1
     if diffs:
         rep.differing.add(frame.record_id)
@@ -266,7 +286,10 @@ def summary(rep: Report, out: TextIO, limit: int = 50) -> None:
         out.write(f"no record for frame: {f.machine} {f.key} (record {f.record_id}) started "
                   f"{record.iso(f.start_wall)}\n")
     for r in rep.without_frame[:limit]:
-        out.write(f"no frame for record: {r.machine} {r.job.key} (record {r.record_id}) seq {r.seq}\n")
+        what = f"{r.interval.kind} interval" if isinstance(r, IntervalRecord) else f"job {r.job.key}"
+        out.write(f"no frame for record: {r.machine} {what} (record {r.record_id}) seq {r.seq}\n")
+    if rep.older:
+        out.write(f"note: {rep.older} records of an older schema were checked against their frames only\n")
     if rep.kernels - {record.KERNEL}:
         out.write(f"note: records made by kernel(s) {', '.join(sorted(rep.kernels))}, replayed with {record.KERNEL}\n")
     torn = sum(p.kind == "torn" for p in rep.problems)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,9 +11,10 @@ from typing import TYPE_CHECKING
 from energy_agent.app.cli.common import EXIT_FAILURE, EXIT_OK, add_command, epoch, load_config, print_table
 from energy_agent.core.errors import ConfigError
 
+from energy_agent.core.record import JobRecord, JobRecordV1
+
 if TYPE_CHECKING:
     from energy_agent.app.config import Loaded
-    from energy_agent.core.record import Record
 
 JOB_COLUMNS = ("machine", "seq", "job", "program", "serial", "start", "end", "kwh", "kgco2e", "method", "coverage")
 
@@ -45,12 +45,14 @@ def _existing_ledger(loaded: Loaded) -> Path:
     return path
 
 
-def _job_row(r: Record) -> dict:
-    """One record as a row of JOB_COLUMNS (the table and csv formats)."""
+def _job_row(r: JobRecord | JobRecordV1) -> dict:
+    """One job record as a row of JOB_COLUMNS (the table and csv formats)."""
+    serial = r.job.serial if isinstance(r, JobRecordV1) else ",".join(r.job.serials)
     return {
         "machine": r.machine, "seq": r.seq, "job": r.job.key, "program": r.job.program or "",
-        "serial": r.job.serial or "", "start": r.start, "end": r.end,
-        "kwh": f"{r.energy.kwh:.6f}", "kgco2e": f"{r.emissions.kgco2e:.6f}",
+        "serial": serial or "", "start": r.start, "end": r.end,
+        "kwh": "unknown" if r.energy.kwh is None else f"{r.energy.kwh:.6f}",
+        "kgco2e": "unknown" if r.emissions.kgco2e is None else f"{r.emissions.kgco2e:.6f}",
         "method": r.energy.method, "coverage": f"{r.quality.coverage:.4f}",
     }
 
@@ -67,6 +69,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                               limit=args.limit)
     finally:
         ledger.close_sync()
+    recs = [r for r in recs if isinstance(r, (JobRecord, JobRecordV1))]
     if args.format == "json":
         for r in recs:
             print(r.canonical().decode())
