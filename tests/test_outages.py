@@ -322,3 +322,27 @@ def test_a_job_without_any_meter_reading_has_unknown_energy_not_zero():
     assert rec.energy.unknown_reason == "no usable counter or power reading covers the window"
     assert "kwh" not in record_line(rec).decode().split(" ")[1].split(",")[0]  # no kwh field in the point
     assert "unknown_reason=" in record_line(rec).decode()
+
+
+def test_a_state_change_while_unobserved_does_not_end_the_job():
+    """The job is interrupted while the CNC is away and still interrupted when it is back: the
+    same job goes on (job rules end it on key or parts, not on a state), its new state placed
+    at the CNC's stamp, flagged states_estimated."""
+    pl = Plant()
+    pl.change(0)
+    start_job(pl, 10, "J1", 0)
+    pl.run_to(20, p=6000.0)
+    pl.lose(20)
+    pl.change(30, observed=False, channel_status=1)  # interrupted
+    pl.run_to(40, p=1500.0)
+    pl.reconnect(40)
+    pl.run_to(50)
+    end_job(pl, 50, 1)
+    pl.run_to(60, p=1000.0)
+    (job,) = pl.jobs
+    assert (job.info.start, job.end, job.end_reason) == (10, 50, "parts_counter")
+    assert {"cnc_unavailable", "states_estimated"} <= set(job.flags)
+    assert job.energy.kwh == pytest.approx(pl.truth(10, 50), abs=TOL_KWH)
+    interrupted = job.energy.kwh_by_state[4]  # interrupted from the stamp at 30 on
+    assert interrupted == pytest.approx(pl.truth(30, 50), abs=TOL_KWH)
+    assert_tiles(pl)

@@ -443,6 +443,14 @@ class MachineTracker:
             return
         state = self.rules.state_of(values)
         active = key is not None and state in self.rules.job.active_states
+        if not o.settled:
+            if self.open is not None and self._end_reason(o, values, stamps) is None:
+                self._carry_on(o, values, changed_at, t, wall)  # the job went on; its state may have changed
+                return
+            keys_still = all(stamps.get(q) == o.stamps.get(q) for q in self.rules.job.key)
+            if self.open is None and not active and keys_still and (parts is None or parts == o.parts):
+                self._carry_on(o, values, changed_at, t, wall)  # idle went on: no job began or ended
+                return
 
         # 1. What was open when observation was lost ends.
         if not o.settled:
@@ -498,28 +506,46 @@ class MachineTracker:
         self.parts = parts
         self._update_state(t)
 
-    def _end_evidence(self, o: _Outage, values: dict[str, Any], stamps: dict[str, float]) -> tuple[str, float] | None:
-        """(end reason, the CNC's stamp of the change that ended the open job) by the job rules
-        applied to the snapshot, or None when the stamps do not show it."""
+    def _end_reason(self, o: _Outage, values: dict[str, Any], stamps: dict[str, float]) -> tuple[str, list[str]] | None:
+        """Whether the job rules, applied to the snapshot, end the open job: (reason, the points
+        whose change ended it), or None when it went on."""
         job, rule = self.open, self.rules.job
         assert job is not None
         parts, before = self._parts(values), o.parts
         own = _text(values.get(job.key_point))
         if rule.end_on_parts_increment and parts is not None and before is not None and parts > before:
-            reason, point = "parts_counter", "parts_total"
-        elif own is None:
-            reason, point = "key_cleared", job.key_point
-        elif own != job.key:
-            reason, point = "key_changed", job.key_point
-        elif (rule.end_on_idle and job.key_point != rule.key[0]
-              and self.rules.state_of(values) in IDLE_STATES):
-            changed = [stamps[q] for state in self.rules.states for q in state.when
-                       if q in stamps and stamps[q] != o.stamps.get(q)]
-            return ("idle", max(changed)) if changed else None
-        else:
+            return "parts_counter", ["parts_total"]
+        if own is None:
+            return "key_cleared", [job.key_point]
+        if own != job.key:
+            return "key_changed", [job.key_point]
+        k = job.key_point
+        if k in stamps and k in o.stamps and stamps[k] != o.stamps[k]:
+            return "key_changed", [k]  # cleared and set again meanwhile: another run of it
+        if rule.end_on_idle and job.key_point != rule.key[0] and self.rules.state_of(values) in IDLE_STATES:
+            return "idle", [q for state in self.rules.states for q in state.when]
+        return None
+
+    def _end_evidence(self, o: _Outage, values: dict[str, Any], stamps: dict[str, float]) -> tuple[str, float] | None:
+        """(end reason, the CNC's stamp of the change that ended the open job), or None when the
+        stamps do not show it."""
+        ended = self._end_reason(o, values, stamps)
+        if ended is None:
             return None
-        stamp = stamps.get(point)
-        return None if stamp is None or stamp == o.stamps.get(point) else (reason, stamp)
+        reason, points = ended
+        changed = [stamps[q] for q in points if q in stamps and stamps[q] != o.stamps.get(q)]
+        return (reason, max(changed)) if changed else None
+
+    def _carry_on(self, o: _Outage, values: dict[str, Any], changed_at: list[float], t: float, wall: float) -> None:
+        """The open job or idle interval went on through the outage. A state that changed
+        meanwhile is placed at the CNC's stamp of its last change (flag ``states_estimated``:
+        what happened before that is not known)."""
+        self.cnc_values, self.cnc_state = values, self.rules.state_of(values)
+        if changed_at:
+            at_wall = min(max(changed_at[-1], o.wall), wall)
+            self.timeline.replace_from(self._mono(at_wall), states.code(self._derive_state()))
+            self._flag_open("states_estimated")
+        self._apply(t, wall, values)
 
     def _job_key(self, values: dict[str, Any]) -> tuple[str | None, str]:
         for point in self.rules.job.key:
