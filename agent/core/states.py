@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from energy_agent.core.validation import Model
 
@@ -27,8 +27,39 @@ def code(name: str) -> int:
 Scalar = int | float | str | bool
 
 
+class Compare(Model):
+    """A comparison of a numeric point, e.g. ``{lt: 1}`` (spindle speed below 1 rpm) or
+    ``{ge: 0.5, lt: 100}``. Every bound given must hold; a missing or non-numeric value holds
+    none."""
+
+    lt: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    ge: float | None = None
+    ne: Scalar | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Compare:
+        if all(getattr(self, k) is None for k in ("lt", "le", "gt", "ge", "ne")):
+            raise ValueError("a comparison needs at least one of lt, le, gt, ge, ne")
+        return self
+
+    def holds(self, have: Any) -> bool:
+        if self.ne is not None and have == self.ne:
+            return False
+        bounds = [(self.lt, lambda x, b: x < b), (self.le, lambda x, b: x <= b),
+                  (self.gt, lambda x, b: x > b), (self.ge, lambda x, b: x >= b)]
+        if all(b is None for b, _ in bounds):
+            return have is not None
+        if isinstance(have, bool) or not isinstance(have, (int, float)) or have != have:
+            return False
+        return all(b is None or ok(have, b) for b, ok in bounds)
+
+
 class StateRule(Model):
-    when: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
+    when: dict[str, Scalar | list[Scalar] | Compare] = Field(default_factory=dict, description=(
+        "point -> the value it must have, a list of values (any of them), or a comparison "
+        "({lt, le, gt, ge, ne}: e.g. spindle_speed: {lt: 1})"))
     state: str
 
     @field_validator("state")
@@ -41,7 +72,10 @@ class StateRule(Model):
     def matches(self, values: dict[str, Any]) -> bool:
         for name, want in self.when.items():
             have = values.get(name)
-            if isinstance(want, list):
+            if isinstance(want, Compare):
+                if not want.holds(have):
+                    return False
+            elif isinstance(want, list):
                 if have not in want:
                     return False
             elif have != want:
