@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit code."""
     args = build_parser().parse_args(argv)
     if args.default_log_level is not None:
-        setup_logging(args.log_level or args.default_log_level)
+        setup_logging(args.log_level or args.default_log_level, args.log_format)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -81,6 +80,8 @@ def global_options(default: Any) -> argparse.ArgumentParser:
     group.add_argument("--log-level", choices=LOG_LEVELS, default=default,
                        help="log to stderr from this level (default: run and bridge take the config's "
                             "log_level, simulate INFO, every other command WARNING)")
+    group.add_argument("--log-format", choices=["text", "json"], default=default,
+                       help="text lines (default) or one JSON object per line (journald, Loki); times are UTC")
     group.add_argument("--version", action="version", version=f"energy-agent {__version__}",
                        help="print the version and exit")
     return parent
@@ -106,12 +107,11 @@ def load_config(path: str) -> Loaded:
     return config.load(path)
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr at ``level``; the protocol libraries only from WARNING (INFO at DEBUG)."""
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("asyncua", "pymodbus"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
+def setup_logging(level: str, fmt: str | None = None) -> None:
+    """Log to stderr at ``level`` in ``fmt`` (text or json; energy_agent.app.logs)."""
+    from energy_agent.app import logs
+
+    logs.setup(level, fmt or "text")
 
 
 def serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:

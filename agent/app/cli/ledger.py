@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from energy_agent.app.cli.common import EXIT_FAILURE, EXIT_OK, add_command, epoch, load_config, print_table
 from energy_agent.core.errors import ConfigError
-
 from energy_agent.core.record import JobRecord, JobRecordV1
 
 if TYPE_CHECKING:

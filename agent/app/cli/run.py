@@ -27,7 +27,7 @@ def register(commands) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """0 after a clean stop; 1 when the agent stopped on a fatal error."""
     loaded = load_config(args.config)
-    setup_logging(args.log_level or loaded.config.log_level)
+    setup_logging(args.log_level or loaded.config.log_level, args.log_format)
     for warning in loaded.check_start("run"):
         log.warning("%s", warning)
     from energy_agent.app.runtime import Agent
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bridge(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
-    setup_logging(args.log_level or loaded.config.log_level)
+    setup_logging(args.log_level or loaded.config.log_level, args.log_format)
     for warning in loaded.check_start("bridge"):
         log.warning("%s", warning)
     from energy_agent.bridge.bridge import run_bridge
