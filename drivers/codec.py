@@ -9,7 +9,8 @@ first (``big``, standard) or is byte swapped (``little``).
 from __future__ import annotations
 
 import struct
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 TYPES: dict[str, tuple[str, int]] = {
     # type: (struct code, registers)

@@ -145,7 +145,7 @@ class ModbusBus:
         self._cause = ""
 
     @classmethod
-    def for_meter(cls, dev) -> "ModbusBus":
+    def for_meter(cls, dev) -> ModbusBus:
         """The bus of a configured meter (``energy_agent.app.config.MeterDevice``)."""
         return cls(dev.host or "", dev.port, framer=dev.transport, timeout_s=dev.timeout_s,
                    serial=dev.serial if dev.transport == "rtu" else None)

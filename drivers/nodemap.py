@@ -79,7 +79,7 @@ class NodePoint(Model):
     optional: bool = Field(False, description="missing on the server is not an error")
 
     @model_validator(mode="after")
-    def _one(self) -> "NodePoint":
+    def _one(self) -> NodePoint:
         if (self.node is None) == (self.path is None):
             raise ValueError("node: give node or path (one of them)")
         if self.start is not None and self.path is None:
@@ -115,7 +115,7 @@ class NodeMap(Model):
     job: JobRule = Field(default_factory=JobRule)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "NodeMap":
+    def _consistent(self) -> NodeMap:
         for i, rule in enumerate(self.states):
             for name in rule.when:
                 if name not in self.points:
@@ -130,7 +130,7 @@ class NodeMap(Model):
                 try:
                     p.ref(_Echo(), self.namespaces)
                 except ValueError as exc:
-                    raise ValueError(f"points.{q}.path: {exc}") from None
+                    raise ValueError(f"points.{q}.path: {exc}") from exc
         return self
 
     def resolve(self, params: dict[str, str]) -> dict[str, NodeRef]:
@@ -143,9 +143,9 @@ class NodeMap(Model):
             try:
                 out[q] = p.ref(params, self.namespaces)
             except KeyError as exc:
-                raise ValueError(f"point {q!r}: no param {exc.args[0]!r}") from None
+                raise ValueError(f"point {q!r}: no param {exc.args[0]!r}") from exc
             except ValueError as exc:
-                raise ValueError(f"point {q!r}: {exc}") from None
+                raise ValueError(f"point {q!r}: {exc}") from exc
         return out
 
     @property

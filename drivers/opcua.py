@@ -137,7 +137,7 @@ def _plain(value: Any) -> Any:
     """Scalars as Python values: enums to int, LocalizedText to str."""
     if isinstance(value, ua.LocalizedText):
         return value.Text or ""
-    if hasattr(value, "value") and isinstance(getattr(value, "value"), int):
+    if hasattr(value, "value") and isinstance(value.value, int):
         return int(value.value)
     return value
 
@@ -213,7 +213,7 @@ def _describe(cert: x509.Certificate) -> str:
     return f"subject {cert.subject.rfc4514_string()}, SHA-1 thumbprint {thumbprint(cert)}"
 
 
-def check_server_trust(device_id: str, endpoint: str, cert: x509.Certificate, sec: "CncSecurity") -> None:
+def check_server_trust(device_id: str, endpoint: str, cert: x509.Certificate, sec: CncSecurity) -> None:
     """Raise DeviceError unless ``cert`` is the pinned server certificate, a certificate in the
     trust folder, or issued by a CA certificate in it; and valid now."""
     now = datetime.now(timezone.utc)
@@ -245,7 +245,7 @@ def check_server_trust(device_id: str, endpoint: str, cert: x509.Certificate, se
                       f"if this is the right server, add its certificate to {where}")
 
 
-def _own_uri(device_id: str, sec: "CncSecurity") -> str:
+def _own_uri(device_id: str, sec: CncSecurity) -> str:
     """The application URI of the configured client certificate (announced as ours)."""
     assert sec.certificate is not None and sec.private_key is not None
     for field in ("certificate", "private_key"):
@@ -262,7 +262,7 @@ def _own_uri(device_id: str, sec: "CncSecurity") -> str:
     return uri
 
 
-async def _endpoint_certificate(client: Client, device_id: str, endpoint: str, sec: "CncSecurity") -> x509.Certificate:
+async def _endpoint_certificate(client: Client, device_id: str, endpoint: str, sec: CncSecurity) -> x509.Certificate:
     """The server certificate of the endpoint with our policy and mode (GetEndpoints over an
     unsecured discovery channel, as OPC 10000-4 5.4.4 intends)."""
     mode, policy = MODES[sec.mode], POLICIES[sec.policy]
@@ -277,7 +277,7 @@ async def _endpoint_certificate(client: Client, device_id: str, endpoint: str, s
     return uacrypto.x509_from_der(match[0].ServerCertificate)  # the first of a chain is the server's
 
 
-async def configure_security(client: Client, device_id: str, endpoint: str, sec: "CncSecurity | None") -> None:
+async def configure_security(client: Client, device_id: str, endpoint: str, sec: CncSecurity | None) -> None:
     """User identity and secure channel of ``client`` per ``sec``; DeviceError names the device and,
     for files, the field. Call before ``connect``: the server certificate is checked before a
     secure channel is opened or the password sent."""
@@ -318,7 +318,7 @@ class CncDriver:
                  emit: Callable[[Reading], None], *, mode: str = "subscribe", interval_s: float = 0.5,
                  timeout_s: float = 4.0, timestamps: str = "source",
                  backoff_min_s: float = 1.0, backoff_max_s: float = 60.0,
-                 security: "CncSecurity | None" = None, watchdog_intervals: float = 10.0,
+                 security: CncSecurity | None = None, watchdog_intervals: float = 10.0,
                  settle_s: float | None = None):
         self.device_id = device_id
         self.endpoint = endpoint

@@ -47,7 +47,7 @@ class RegisterPoint(Model):
     byte_order: Literal["big", "little"] | None = None
 
     @model_validator(mode="after")
-    def _fits(self) -> "RegisterPoint":
+    def _fits(self) -> RegisterPoint:
         if self.address + codec.width(self.type) > 65536:
             raise ValueError(f"{self.type} at address {self.address} runs past register 65535")
         if self.scale == 0:
@@ -145,7 +145,7 @@ def plan_blocks(profile: MeterProfile, quantities: list[str] | None = None) -> l
     blocks: list[Block] = []
     names = quantities if quantities is not None else list(profile.points)
     for fn in ("input", "holding"):
-        pts = sorted(((profile.points[q].address, q) for q in names if profile.points[q].function == fn))
+        pts = sorted((profile.points[q].address, q) for q in names if profile.points[q].function == fn)
         cur: list[tuple[str, int, RegisterPoint]] = []
         start = end = 0
         for addr, q in pts:

@@ -521,7 +521,7 @@ class CncBank:
             self.server = None
             self.serving = False
 
-    async def __aenter__(self) -> "CncBank":
+    async def __aenter__(self) -> CncBank:
         await self.start()
         return self
 

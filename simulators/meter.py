@@ -342,7 +342,7 @@ class MeterBank:
         await self.server.shutdown()
         self._started = self._open = False
 
-    async def __aenter__(self) -> "MeterBank":
+    async def __aenter__(self) -> MeterBank:
         await self.start()
         return self
 

@@ -217,7 +217,7 @@ class PlantRun:
                 codes[p.name] = code
         return codes
 
-    def __enter__(self) -> "PlantRun":
+    def __enter__(self) -> PlantRun:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -139,7 +139,7 @@ class Fault(_M):
         None, description="cnc_bad_status: the StatusCode sent (default BadSensorFailure)")
 
     @model_validator(mode="after")
-    def _check(self) -> "Fault":
+    def _check(self) -> Fault:
         kind = FAULT_KINDS.get(self.kind)
         if kind is None:
             raise ValueError(f"kind: unknown fault kind {self.kind!r} (known: {', '.join(FAULT_KINDS)})")
@@ -208,7 +208,7 @@ def _loadable(ref: str, info: ValidationInfo, loader) -> str:
     try:
         loader(ref)
     except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(str(exc)) from exc
     return ref
 
 
@@ -257,7 +257,7 @@ class JobSpec(_M):
     phases: list[tuple[str, float]] = Field(description="[[state, duration_s], ...] in order")
 
     @model_validator(mode="after")
-    def _phases(self) -> "JobSpec":
+    def _phases(self) -> JobSpec:
         if not self.phases:
             raise ValueError("phases: a job needs at least one phase")
         for i, (state, dur) in enumerate(self.phases):
@@ -287,7 +287,7 @@ class MachineSim(_M):
     jobs: list[JobSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> "MachineSim":
+    def _check(self) -> MachineSim:
         for s, p in self.power_w.items():
             if s not in STATES:
                 raise ValueError(f"power_w: unknown state {s!r} (known: {', '.join(STATES)})")
@@ -311,7 +311,7 @@ class MachineSim(_M):
         return self
 
     @cached_property
-    def timeline(self) -> "Timeline":
+    def timeline(self) -> Timeline:
         return Timeline(self)
 
 
@@ -324,7 +324,7 @@ class Scenario(_M):
     faults: list[Fault] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _unique(self) -> "Scenario":
+    def _unique(self) -> Scenario:
         ids: dict[str, int] = {}
         units: dict[int, int] = {}
         for i, m in enumerate(self.machines):
@@ -356,7 +356,7 @@ class Scenario(_M):
         raise KeyError(machine_id)
 
     @property
-    def timelines(self) -> dict[str, "Timeline"]:
+    def timelines(self) -> dict[str, Timeline]:
         return {m.id: m.timeline for m in self.machines}
 
     def faults_of(self, machine_id: str, device: str | None = None) -> list[Fault]:
@@ -364,13 +364,13 @@ class Scenario(_M):
         return sorted((f for f in self.faults if f.machine == machine_id and (device is None or f.device == device)),
                       key=lambda f: f.from_s)
 
-    def with_faults(self, faults: list[dict[str, Any] | Fault]) -> "Scenario":
+    def with_faults(self, faults: list[dict[str, Any] | Fault]) -> Scenario:
         """A copy of this scenario with other faults (validated)."""
         data = self.model_dump()
         data["faults"] = [f.model_dump() if isinstance(f, Fault) else f for f in faults]
         return Scenario.model_validate(data)
 
-    def with_speed(self, speed: float) -> "Scenario":
+    def with_speed(self, speed: float) -> Scenario:
         data = self.model_dump()
         data["speed"] = speed
         return Scenario.model_validate(data)
@@ -579,9 +579,9 @@ def load(path: str | Path) -> Scenario:
     try:
         data = yaml.safe_load(p.read_text())
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     return parse(data, base=p.parent, source=str(p))
 
 
@@ -590,7 +590,7 @@ def parse(data: Any, *, base: Path | None = None, source: str = "scenario") -> S
     try:
         return Scenario.model_validate(data, context={"base": base})
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {format_validation(exc)}") from None
+        raise ConfigError(f"{source}: {format_validation(exc)}") from exc
 
 
 def job_faults(scenario: Scenario, machine: MachineSim, job: JobSpec) -> list[dict[str, Any]]:

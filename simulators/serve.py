@@ -54,12 +54,12 @@ def parse_anchor(text: str | None) -> float:
         return time.time()
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ConfigError(f"--anchor: {text!r} is not an ISO 8601 time") from None
+    except ValueError as exc:
+        raise ConfigError(f"--anchor: {text!r} is not an ISO 8601 time") from exc
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def ready_line(s: scn.Scenario, clock: Clock, meters: "MeterBank", cncs: "CncBank") -> str:
+def ready_line(s: scn.Scenario, clock: Clock, meters: MeterBank, cncs: CncBank) -> str:
     units = ",".join(str(u) for u in meters.units)
     anchor = datetime.fromtimestamp(clock.anchor, timezone.utc).isoformat().replace("+00:00", "Z")
     return (f"{READY} modbus {meters.where} units {units}; "

@@ -99,7 +99,7 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-_RUNNING: "weakref.WeakSet[Service]" = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[Service] = weakref.WeakSet()
 
 
 @atexit.register
@@ -154,7 +154,7 @@ class Service:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, workdir: Path | str, timeout: float | None = None) -> "Service":
+    def start(self, workdir: Path | str, timeout: float | None = None) -> Service:
         """Start on free loopback port(s) (the same ones again after a stop); return when it answers."""
         if self.running:
             raise ServiceError(f"{self.name} is already running (pid {self.pid})")
@@ -230,14 +230,14 @@ class Service:
             self._signal(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def restart(self, timeout: float | None = None) -> "Service":
+    def restart(self, timeout: float | None = None) -> Service:
         """Stop and start again on the same port(s) with the same data."""
         if self.workdir is None:
             raise ServiceError(f"{self.name} was never started")
         self.stop()
         return self.start(self.workdir, timeout)
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         return self
 
     def __exit__(self, *exc) -> None:

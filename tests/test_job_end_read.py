@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 import yaml
 
 from energy_agent.app import config
-from energy_agent.domain.spans import FinishedJob
 from energy_agent.app.runtime import Agent
 from energy_agent.core.clock import Clock
+from energy_agent.domain.spans import FinishedJob
 from energy_agent.simulators import scenario as scn
 from energy_agent.simulators.cnc import CncBank
 from energy_agent.simulators.meter import MeterBank

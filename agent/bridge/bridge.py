@@ -275,7 +275,7 @@ class Bridge:
             with open(self.dead_letter_path, "a", encoding="utf-8"):
                 pass
         except OSError as exc:
-            raise ConfigError(f"bridge dead-letter file {self.dead_letter_path}: cannot write: {exc.strerror or exc}") from None
+            raise ConfigError(f"bridge dead-letter file {self.dead_letter_path}: cannot write: {exc.strerror or exc}") from exc
 
     async def _connect(self, stop: asyncio.Event) -> bool:
         try:

@@ -30,7 +30,7 @@ class InfluxWriter:
     """Writes points. :class:`WriteRejected` when the server blames the points, DeliveryError otherwise."""
 
     @staticmethod
-    def from_config(cfg) -> "InfluxWriter":
+    def from_config(cfg) -> InfluxWriter:
         """A writer for an ``InfluxConfig``: api v1 → POST /write, v2 → influxdb-client."""
         if cfg.api == "v1":
             return V1Writer(cfg)
@@ -113,7 +113,7 @@ class V2Writer(InfluxWriter):
             if exc.status in _REJECTED:
                 raise WriteRejected(msg, exc.status) from exc
             raise DeliveryError(msg) from exc
-        except Exception as exc:  # noqa: BLE001 - urllib3 connection errors and the like never leave this module
+        except Exception as exc:
             raise DeliveryError(f"{self.target}: {type(exc).__name__}: {exc}") from exc
 
     async def write(self, lines: list[bytes]) -> None:

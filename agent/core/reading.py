@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class Availability:
     def __init__(self, name: str, back_after: int = 3):
         self.name = name
         self.back_after = back_after
-        self._down: dict[str | None, list] = {}
+        self._down: dict[str | None, list[Any]] = {}
         """Subject (None: the device, else a quantity) -> [since, failed, good streak, first good]."""
 
     def update(self, r: Reading, now: float) -> list[tuple[int, str]]:
@@ -89,7 +90,10 @@ class Availability:
                 self._see(q, q in r.bad, now, lambda q=q, why=why, what=what: f"{self.name}: {q} {what} ({why})", out)
         return out
 
-    def _see(self, subject: str | None, failed: bool, now: float, message, out: list) -> None:
+    def _see(self, subject: str | None, failed: bool, now: float, message: Callable[..., str],
+             out: list[tuple[int, str]]) -> None:
+        # message() is called without arguments; ``...`` because mypy cannot infer a lambda
+        # whose parameters bind loop variables as defaults against ``Callable[[], str]``.
         down = self._down.get(subject)
         if failed:
             if down is None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import rfc8785
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
@@ -37,9 +37,9 @@ from energy_agent.core.errors import RecordError
 from energy_agent.core.states import STATES
 from energy_agent.core.validation import format_validation
 
-SCHEMA_JOB = "energy-agent.job-record/2"
-SCHEMA_INTERVAL = "energy-agent.interval-record/1"
-SCHEMA_JOB_V1 = "energy-agent.job-record/1"
+SCHEMA_JOB: Final = "energy-agent.job-record/2"
+SCHEMA_INTERVAL: Final = "energy-agent.interval-record/1"
+SCHEMA_JOB_V1: Final = "energy-agent.job-record/1"
 SCHEMAS = (SCHEMA_JOB, SCHEMA_INTERVAL, SCHEMA_JOB_V1)
 GENESIS = "0" * 64
 """``prev_hash`` of a machine's first record."""
@@ -281,7 +281,7 @@ class Recordish:
     def to_json(self) -> dict[str, Any]:
         """The record as plain JSON values (dicts, lists, str, int, float, None); an unsigned
         record has no ``proof`` member."""
-        out = _plain(asdict(self))  # type: ignore[call-overload]
+        out: dict[str, Any] = _plain(asdict(self))  # type: ignore[call-overload]
         if out.get("proof", 0) is None:
             del out["proof"]
         return out

@@ -4,6 +4,7 @@ of a node map)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -20,8 +21,8 @@ N_STATES = len(STATES)
 def code(name: str) -> int:
     try:
         return CODE[name]
-    except KeyError:
-        raise ValueError(f"unknown operating state {name!r} (known: {', '.join(STATES)})") from None
+    except KeyError as exc:
+        raise ValueError(f"unknown operating state {name!r} (known: {', '.join(STATES)})") from exc
 
 
 Scalar = int | float | str | bool
@@ -47,8 +48,9 @@ class Compare(Model):
     def holds(self, have: Any) -> bool:
         if self.ne is not None and have == self.ne:
             return False
-        bounds = [(self.lt, lambda x, b: x < b), (self.le, lambda x, b: x <= b),
-                  (self.gt, lambda x, b: x > b), (self.ge, lambda x, b: x >= b)]
+        bounds: list[tuple[float | None, Callable[[float, float], bool]]] = [
+            (self.lt, lambda x, b: x < b), (self.le, lambda x, b: x <= b),
+            (self.gt, lambda x, b: x > b), (self.ge, lambda x, b: x >= b)]
         if all(b is None for b, _ in bounds):
             return have is not None
         if isinstance(have, bool) or not isinstance(have, (int, float)) or have != have:

@@ -40,7 +40,7 @@ def parse_confirmation(payload: bytes) -> tuple[str, list[str]]:
     try:
         msg = json.loads(payload)
     except (ValueError, RecursionError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        raise ValueError(f"not JSON: {exc}") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("by"), str) or not isinstance(msg.get("records"), list):
         raise ValueError("expected {\"by\": name, \"records\": [record ids]}")
     ids = msg["records"]

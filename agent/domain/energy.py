@@ -44,10 +44,15 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from energy_agent.core.states import N_STATES
+
+if TYPE_CHECKING:
+    from energy_agent.core.record import Method
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ class JobEnergy:
     kwh: float
     estimated_kwh: float
     """Part of ``kwh`` from power integration rather than counter deltas."""
-    method: str
+    method: Method
     """"counter", "power", "mixed", or "none" (no part of the window covered)."""
     coverage: float
     """Covered share of the window, 1.0 for a zero-length window."""
@@ -104,7 +109,8 @@ class JobInputs:
     flags: tuple[str, ...]
     """The job's own flags, before the energy adds ``estimated_energy``/``incomplete_coverage``."""
 
-    def args(self) -> tuple:
+    def args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                            float, float, float, float, float]:
         """The positional arguments of ``compute_job``."""
         return (self.t, self.e, self.p, self.st_t, self.st_s, self.t0, self.t1, self.max_gap_s,
                 self.rollover_kwh, self.max_power_w)
@@ -113,7 +119,8 @@ class JobInputs:
 _capture_failed = False
 
 
-def capture(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w,
+def capture(t: ArrayLike, e: ArrayLike, p: ArrayLike, st_t: ArrayLike, st_s: ArrayLike, t0: float, t1: float,
+            max_gap_s: float, rollover_kwh: float, max_power_w: float,
             bad_times: Iterable[float], flags: Iterable[str]) -> JobInputs | None:
     """Copy the kernel's inputs (the tracker's buffers are reused); None if that fails, which
     is logged once and leaves the job and its record untouched."""
@@ -132,7 +139,7 @@ def capture(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh, max_power_w,
 
 
 
-def _column(name: str, x, dtype) -> np.ndarray:
+def _column(name: str, x: ArrayLike, dtype: DTypeLike) -> np.ndarray:
     a = np.ascontiguousarray(x, dtype=dtype)
     if a.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
@@ -140,7 +147,7 @@ def _column(name: str, x, dtype) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-def _number(name: str, x, minimum: float | None = None) -> float:
+def _number(name: str, x: float, minimum: float | None = None) -> float:
     v = float(x)
     if math.isnan(v) or (minimum is None and math.isinf(v)):
         raise ValueError(f"{name} must be a finite number, got {x!r}")
@@ -149,7 +156,8 @@ def _number(name: str, x, minimum: float | None = None) -> float:
     return v
 
 
-def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0) -> JobEnergy:
+def compute_job(t: ArrayLike, e: ArrayLike, p: ArrayLike, st_t: ArrayLike, st_s: ArrayLike, t0: float, t1: float,
+                max_gap_s: float, rollover_kwh: float = 0.0, max_power_w: float = 0.0) -> JobEnergy:
     """Validate and normalise the inputs, run ``job_energy`` and summarise its result."""
     t, e, p = _samples(t, e, p, np.float64, np.float64)
     st_t, st_s = _timeline(st_t, st_s)
@@ -162,8 +170,9 @@ def compute_job(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_po
     return _summary(*job_energy(t, e, p, st_t, st_s, t0, t1, *limits))
 
 
-def compute_jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0, *,
-                 parallel=False) -> list[JobEnergy]:
+def compute_jobs(t: ArrayLike, e: ArrayLike, p: ArrayLike, st_t: ArrayLike, st_s: ArrayLike, t0: ArrayLike,
+                 t1: ArrayLike, max_gap_s: float, rollover_kwh: float = 0.0, max_power_w: float = 0.0, *,
+                 parallel: bool = False) -> list[JobEnergy]:
     """``compute_job`` for many windows [t0[k], t1[k]] over one machine's samples (a replay).
 
     Element k equals ``compute_job`` of window k exactly, also with e or p passed as float32
@@ -176,8 +185,9 @@ def compute_jobs(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_p
     return [_summary(kwh[k], est[k], q[k]) for k in range(len(q))]
 
 
-def energy_batch(t, e, p, st_t, st_s, t0, t1, max_gap_s, rollover_kwh=0.0, max_power_w=0.0, *,
-                 parallel=False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def energy_batch(t: ArrayLike, e: ArrayLike, p: ArrayLike, st_t: ArrayLike, st_s: ArrayLike, t0: ArrayLike,
+                 t1: ArrayLike, max_gap_s: float, rollover_kwh: float = 0.0, max_power_w: float = 0.0, *,
+                 parallel: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate, run the batch kernel; (kwh[jobs, N_STATES], est[jobs, N_STATES], q[jobs, NQ])."""
     t, e, p = _samples(t, e, p, _lean(e), _lean(p))
     st_t, st_s = _timeline(st_t, st_s)
@@ -208,12 +218,13 @@ def batch_chunks(t: np.ndarray, t0: np.ndarray, t1: np.ndarray, parts: int) -> n
     return np.concatenate(([0], edges, [len(t0)])).astype(np.int64)
 
 
-def _lean(x) -> type:
+def _lean(x: ArrayLike) -> type:
     """float32 stays float32 (converts to float64 exactly in the kernel); anything else float64."""
     return np.float32 if getattr(x, "dtype", None) == np.float32 else np.float64
 
 
-def _samples(t, e, p, e_dtype, p_dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _samples(t: ArrayLike, e: ArrayLike, p: ArrayLike, e_dtype: DTypeLike,
+             p_dtype: DTypeLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t, e, p = _column("t", t, np.float64), _column("e", e, e_dtype), _column("p", p, p_dtype)
     if not len(t) == len(e) == len(p):
         raise ValueError(f"t, e and p must have the same length, got {len(t)}, {len(e)}, {len(p)}")
@@ -225,7 +236,7 @@ def _samples(t, e, p, e_dtype, p_dtype) -> tuple[np.ndarray, np.ndarray, np.ndar
     return t, e, p
 
 
-def _timeline(st_t, st_s) -> tuple[np.ndarray, np.ndarray]:
+def _timeline(st_t: ArrayLike, st_s: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     st_t = _column("st_t", st_t, np.float64)
     codes = np.asarray(st_s)
     if len(st_t) == 0 or len(st_t) != len(codes):
@@ -237,7 +248,7 @@ def _timeline(st_t, st_s) -> tuple[np.ndarray, np.ndarray]:
     return st_t, _column("st_s", codes, np.uint8)
 
 
-def _limits(max_gap_s, rollover_kwh, max_power_w) -> tuple[float, float, float]:
+def _limits(max_gap_s: float, rollover_kwh: float, max_power_w: float) -> tuple[float, float, float]:
     return (_number("max_gap_s", max_gap_s, 0.0), _number("rollover_kwh", rollover_kwh, 0.0),
             _number("max_power_w", max_power_w, 0.0))
 
@@ -248,6 +259,7 @@ def _summary(kwh: np.ndarray, est: np.ndarray, q: np.ndarray) -> JobEnergy:
     by_counter, by_power = q[Q_COUNTER_KWH], q[Q_POWER_KWH]
     if by_counter <= 0.0 and by_power <= 0.0:
         by_counter, by_power = q[Q_COUNTER_S], q[Q_POWER_S]
+    method: Method
     if covered <= 0.0:
         method = "none"
     elif by_counter > 0.0 and by_power > 0.0:
@@ -292,7 +304,7 @@ def warm_up_batch() -> None:
                 energy_batch(t, e, p, st_t, st_s, t0, t1, 5.0, parallel=parallel)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """The kernels themselves (``energy.job_energy`` …) without importing numba up front."""
     if name in ("job_energy", "job_energy_batch", "job_energy_batch_parallel", "FASTMATH"):
         from energy_agent.domain import kernels

@@ -779,17 +779,17 @@ class MachineTracker:
         rows = [(wall_of(float(t[k])), float(e[k]), float(p[k])) for k in range(int(new), len(t))]
         st_t, st_s = self.timeline.view()
 
-        def job(info: JobInfo) -> dict:
+        def job(info: JobInfo) -> dict[str, Any]:
             d = {k: getattr(info, k) for k in ("key", "key_point", "job_id", "program", "product", "serial",
                                                "subassembly", "assignment", "parts_start", "start_basis",
                                                "start_reason")}
             return {**d, "start": wall_of(info.start), "start_wall": info.start_wall, "flags": sorted(info.flags)}
 
-        def interval(iv: _Interval) -> dict:
+        def interval(iv: _Interval) -> dict[str, Any]:
             return {"kind": iv.kind, "start": wall_of(iv.start), "start_wall": iv.start_wall, "reason": iv.reason,
                     "parts_start": iv.parts_start, "flags": sorted(iv.flags)}
 
-        def ending(x: _Ending) -> dict:
+        def ending(x: _Ending) -> dict[str, Any]:
             return {"kind": x.kind, "start": wall_of(x.start), "start_wall": x.start_wall, "end": wall_of(x.end),
                     "end_wall": x.end_wall, "reason": x.reason, "parts": x.parts, "end_basis": x.end_basis,
                     "end_note": x.end_note, "flags": sorted(x.flags),
@@ -817,7 +817,7 @@ class MachineTracker:
             text = json.dumps(body)
         return text, rows, wall_of(float(t[0])) if len(t) else 0.0
 
-    def restore(self, body: dict, rows: list[tuple[float, float, float]], mono_of: Callable[[float], float],
+    def restore(self, body: dict[str, Any], rows: list[tuple[float, float, float]], mono_of: Callable[[float], float],
                 now: float) -> None:
         """Resume from a checkpoint written by a previous run (``mono_of`` maps wall to
         monotonic seconds of this run). The time the agent was not running is an outage
@@ -827,7 +827,7 @@ class MachineTracker:
         if body.get("version") != 2:
             raise ValueError(f"checkpoint format {body.get('version', 1)} is not this version's (2)")
 
-        def job(d: dict) -> JobInfo:
+        def job(d: dict[str, Any]) -> JobInfo:
             return JobInfo(key=d["key"], key_point=d["key_point"], start=mono_of(d["start"]),
                            start_wall=d["start_wall"], job_id=d["job_id"], program=d["program"],
                            product=d["product"], serial=d["serial"], subassembly=d["subassembly"],

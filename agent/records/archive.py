@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from energy_agent.core.record import Method
 from energy_agent.domain.energy import JobEnergy, JobInputs
 from energy_agent.domain.spans import Finished, FinishedJob
 
@@ -46,7 +47,7 @@ FIXED = struct.Struct("<7d3I3H2B4I4d")
 changes, k bad-sample times; machine, key and flags lengths; states in the result, method code;
 gap_count, counter_resets, counter_rollovers, counter_jumps; kwh, estimated_kwh, coverage,
 longest_gap_s. The result's kWh by state follows (float64 each)."""
-METHODS = ("none", "counter", "power", "mixed")
+METHODS: tuple[Method, ...] = ("none", "counter", "power", "mixed")
 MAX_TEXT = 0xFFFF
 
 
@@ -150,7 +151,7 @@ def _decode(record_id: str, payload: bytes) -> Frame:
     return Frame(record_id, machine, key, start_wall, end_wall, inputs, result)
 
 
-def _header_at(data: bytes, pos: int) -> tuple | None:
+def _header_at(data: bytes, pos: int) -> tuple[Any, ...] | None:
     """The header at ``pos`` when it is complete and its CRC matches, else None."""
     if len(data) - pos < HEADER.size or data[pos:pos + 4] != MAGIC:
         return None
@@ -217,7 +218,7 @@ def scan(path: Path, data: bytes | None = None) -> Iterator[tuple[int, Frame | P
 
 def files(folder: Path, machine: str | None = None, since_day: str | None = None) -> list[Path]:
     """Archive files, by machine then day; ``since_day`` (YYYY-MM-DD) skips earlier days."""
-    out = []
+    out: list[Path] = []
     if not folder.is_dir():
         return out
     for d in sorted(folder.iterdir()):
@@ -281,7 +282,7 @@ class ArchiveWriter:
         self.written = 0
 
     @classmethod
-    def for_config(cls, loaded: Any) -> "ArchiveWriter | None":
+    def for_config(cls, loaded: Any) -> ArchiveWriter | None:
         """The writer of ``loaded``'s archive section; None when the archive is off."""
         a = loaded.config.archive
         return cls(a.folder(loaded.config.ledger.path, loaded.base)) if a.enabled else None

@@ -18,13 +18,15 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from energy_agent.core.errors import DuplicateRecord, RecordError
 from energy_agent.core.record import GENESIS, Record, parse_record
+
+_T = TypeVar("_T")
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS records (
@@ -86,7 +88,7 @@ def _nan(x: float | None) -> float:
 
 
 @contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, begin: str = "BEGIN"):
+def _transaction(db: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
     """One transaction: committed when the block ends, rolled back when it raises."""
     db.execute(begin)
     try:
@@ -254,9 +256,9 @@ class Ledger:
                     db.executemany("INSERT OR REPLACE INTO checkpoint_samples (machine, t, e, p) VALUES (?,?,?,?)",
                                    [(machine, float(t), _real(e), _real(p)) for t, e, p in rows])
 
-    def _load_checkpoints(self) -> dict[str, tuple[dict, list[tuple[float, float, float]]]]:
+    def _load_checkpoints(self) -> dict[str, tuple[dict[str, Any], list[tuple[float, float, float]]]]:
         db = self._conn()
-        out = {}
+        out: dict[str, tuple[dict[str, Any], list[tuple[float, float, float]]]] = {}
         for machine, body in db.execute("SELECT machine, body FROM checkpoints"):
             rows = db.execute("SELECT t, e, p FROM checkpoint_samples WHERE machine=? ORDER BY t", (machine,))
             out[machine] = (json.loads(body), [(t, _nan(e), _nan(p)) for t, e, p in rows])
@@ -265,12 +267,12 @@ class Ledger:
     def _anchors(self) -> dict[str, tuple[int, str]]:
         return {m: (s, h) for m, s, h in self._conn().execute("SELECT machine, seq, hash FROM anchors")}
 
-    def _query(self, sql: str, args: tuple) -> list[Any]:
+    def _query(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         return self._conn().execute(sql, args).fetchall()
 
     # ------------------------------------------------------------------ loop side
 
-    async def _run(self, fn: Callable, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def open(self) -> None:
@@ -304,7 +306,7 @@ class Ledger:
         if items:
             await self._run(self._save_checkpoints, items)
 
-    async def load_checkpoints(self) -> dict[str, tuple[dict, list[tuple[float, float, float]]]]:
+    async def load_checkpoints(self) -> dict[str, tuple[dict[str, Any], list[tuple[float, float, float]]]]:
         return await self._run(self._load_checkpoints)
 
     async def mark_sent(self, ids: list[int]) -> None:
@@ -333,7 +335,8 @@ class Ledger:
 
     def records(self, machine: str | None = None, since: str | None = None, limit: int | None = None) -> list[Record]:
         """Records in ledger order (synchronous: for the CLI and verifiers, not the agent loop)."""
-        sql, args = "SELECT id, body FROM records WHERE 1=1", []
+        sql = "SELECT id, body FROM records WHERE 1=1"
+        args: list[str | int] = []
         if machine:
             sql += " AND machine=?"
             args.append(machine)

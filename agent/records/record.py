@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from typing import Final
 
 from energy_agent import __version__
 from energy_agent.core import states
@@ -39,7 +40,7 @@ from energy_agent.domain.energy import JobEnergy
 from energy_agent.domain.spans import Finished, FinishedInterval, FinishedJob
 
 KERNEL = "job_energy/3"
-ALLOCATION = "direct"
+ALLOCATION: Final = "direct"
 """Energy metered inside the job window is the job's; energy between jobs is in the machine's
 interval records (allocation to jobs is a rule of the roll-up, not of the record)."""
 

@@ -180,7 +180,7 @@ def compare_record(stored: Record, rebuilt: Record) -> list[tuple[str, str, str]
             if a.get(k) != b.get(k)]
 
 
-def _field_order(k: str) -> tuple:
+def _field_order(k: str) -> tuple[bool, str]:
     return (k in ("hash",), k)  # the hash last: it differs whenever anything else does
 
 
