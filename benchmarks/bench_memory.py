@@ -74,6 +74,7 @@ def main() -> int:
             samples.append(((time.monotonic() - t0) * args.speed / 3600.0, bl.rss_mb(agent.pid)))
             time.sleep(args.sample_s)
         samples.append(((time.monotonic() - t0) * args.speed / 3600.0, bl.rss_mb(agent.pid)))
+        workers = [(c, bl.rss_mb(c), *bl.rss_parts_mb(c)) for c in bl.children(agent.pid)]
     finally:
         bl.stop(agent, 60.0)
         bl.stop(sim, 60.0)
@@ -93,6 +94,9 @@ def main() -> int:
     print()
     print(f"figure: RSS start {mb[0]:.1f} MB, peak {mb.max():.1f} MB, end {mb[-1]:.1f} MB; slope over the second half "
           f"{slope:+.1f} MB per plant hour (whole run {slope_all:+.1f}); goal <= 150 MB and no growth")
+    for pid, rss, anon, file in workers:
+        print(f"kernel worker (pid {pid}, numba and LLVM): RSS {rss:.1f} MB ({anon:.1f} MB anonymous, {file:.1f} MB "
+              "file-backed: mapped libraries, shared and evictable)")
     print(f"command: {bl.command_line()}")
     return 0
 

@@ -76,6 +76,29 @@ def rss_mb(pid: int) -> float:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (e.g. the agent's kernel worker)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def rss_parts_mb(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MB of ``pid``: file-backed pages (mapped libraries
+    such as LLVM's) are shared and can be dropped and read again by the kernel."""
+    anon = file = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            anon = int(line.split()[1]) / 1024.0
+        elif line.startswith("RssFile:"):
+            file = int(line.split()[1]) / 1024.0
+    return anon, file
+
+
 def cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 

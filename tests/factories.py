@@ -74,3 +74,32 @@ async def until(cond, timeout: float = 3.0, what: str = "condition", every: floa
             return v
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         await asyncio.sleep(every)
+
+
+def pending_job(*, machine: str = "m1", key: str = "J-1", start_wall: float = T0, duration_s: float = 300.0,
+                kwh: float = 1.25):
+    """A finished job as the agent's tracker hands it over (``compute=None``): the span and its
+    kernel inputs, energy still to be computed. Made by feeding a real tracker ``duration_s``
+    of constant power (``kwh`` over the job) sampled every 10 s."""
+    from energy_agent.core.reading import Reading
+    from energy_agent.domain.tracker import MachineTracker, Pending
+    from energy_agent.drivers.nodemap import load_nodemap
+
+    out: list = []
+    tr = MachineTracker(machine, load_nodemap("opc40502").rules, max_gap_s=30.0, close_timeout_s=60.0,
+                        compute=None, on_finished=out.append)
+    watts = kwh * 3.6e6 / duration_s
+    run = {"channel_status": 0, "program_status": 1, "operation_mode": 0, "program": "O1", "job_id": key,
+           "parts_total": 0}
+    t0 = start_wall - 1_000_000.0  # monotonic seconds of this tracker
+    e = 100.0
+    tr.on_meter(Reading("pm", t0, start_wall, {"power_w": watts, "energy_import_kwh": e}))
+    tr.on_cnc(Reading("cnc", t0, start_wall, run))
+    for k in range(1, int(duration_s // 10) + 2):
+        t = t0 + 10.0 * k
+        if t - t0 > duration_s and not out:
+            tr.on_cnc(Reading("cnc", t0 + duration_s, start_wall + duration_s, {**run, "job_id": "", "parts_total": 1}))
+        e += watts * 10.0 / 3.6e6
+        tr.on_meter(Reading("pm", t, start_wall + 10.0 * k, {"power_w": watts, "energy_import_kwh": e}))
+    (job,) = [p for p in out if isinstance(p, Pending) and p.ending.info is not None]
+    return job

@@ -319,8 +319,8 @@ async def test_disk_full_holds_records_then_stores_them(tmp_path, small_fs, capl
                     fh.flush()
             except OSError:
                 pass
-        jobs = [factories.finished_job(machine="m1", key=f"J-{i}", start_wall=factories.T0 + 1000 * i,
-                                       kwh=0.1 * (i + 1)) for i in range(20)]
+        jobs = [factories.pending_job(machine="m1", key=f"J-{i}", start_wall=factories.T0 + 1000 * i,
+                                      kwh=0.1 * (i + 1)) for i in range(20)]
         for j in jobs:
             agent._finished(j)
         await until(lambda: any("cannot store the record" in r.getMessage() for r in caplog.records), 10,
@@ -352,7 +352,7 @@ async def test_read_only_ledger_holds_up_to_the_bound_then_stops(tmp_path, small
     recorder = asyncio.create_task(agent._recorder())
     try:
         for i in range(1, 8):
-            agent._finished(factories.finished_job(machine="m1", key=f"J-{i}", start_wall=factories.T0 + 1000 * i))
+            agent._finished(factories.pending_job(machine="m1", key=f"J-{i}", start_wall=factories.T0 + 1000 * i))
             await asyncio.sleep(0.05)
         assert stop.is_set() and agent.fatal and "hold" in agent.fatal
         crit = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]

@@ -21,7 +21,6 @@ import yaml
 from energy_agent.app import config
 from energy_agent.app.runtime import Agent
 from energy_agent.core.clock import Clock
-from energy_agent.domain.spans import FinishedJob
 from energy_agent.simulators import scenario as scn
 from energy_agent.simulators.cnc import CncBank
 from energy_agent.simulators.meter import MeterBank
@@ -63,10 +62,10 @@ async def test_each_job_is_finished_by_a_read_at_its_end(tmp_path):
     finished = []
     store = agent._finished
 
-    def spy(span):
-        if isinstance(span, FinishedJob):
-            finished.append((span, agent.clock.mono()))
-        store(span)
+    def spy(pending):
+        if pending.ending.info is not None:  # a job (intervals are finished too)
+            finished.append((pending, agent.clock.mono()))
+        store(pending)
 
     for tracker in agent.trackers.values():
         tracker.on_finished = spy
@@ -84,8 +83,9 @@ async def test_each_job_is_finished_by_a_read_at_its_end(tmp_path):
         await task
         await meters.stop()
         await cncs.stop()
-    assert sorted(j.info.job_id for j, _ in finished) == sorted(t["job_id"] for t in truth)
-    for job, at in finished:  # plant seconds (the agent's clock runs at the plant's speed)
-        assert "no_meter_sample_after_end" not in job.flags, job.info.job_id
+    assert sorted(p.ending.info.job_id for p, _ in finished) == sorted(t["job_id"] for t in truth)
+    for pending, at in finished:  # plant seconds (the agent's clock runs at the plant's speed)
+        job = pending.ending
+        assert "no_meter_sample_after_end" not in pending.inputs.flags, job.info.job_id
         assert at - job.end < POLL_S / 4, (job.info.job_id, at - job.end)
     assert agent.stats.extra_polls >= len(truth)

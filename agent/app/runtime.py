@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from energy_agent.app.config import Loaded
+from energy_agent.app.kernels import KernelWorker
 from energy_agent.core.clock import Clock, sleep_or_stop
 from energy_agent.core.errors import AgentError, DuplicateRecord
 from energy_agent.core.reading import Availability
 from energy_agent.core.record import Record
-from energy_agent.domain import energy
 from energy_agent.domain.spans import Finished, FinishedJob
-from energy_agent.domain.tracker import MachineTracker
+from energy_agent.domain.tracker import MachineTracker, Pending
 from energy_agent.drivers.modbus import MeterDriver, ModbusBus
 from energy_agent.drivers.opcua import CncDriver
 from energy_agent.records import record
@@ -116,7 +116,7 @@ class Agent:
         self.ledger = Ledger(cfg.ledger.path if cfg.ledger.path.is_absolute() else loaded.base / cfg.ledger.path)
         self.config_hash = cfg.config_hash()
         self.stats = Stats()
-        self.finished: asyncio.Queue[Finished] = asyncio.Queue(cfg.ledger.hold_max)
+        self.finished: asyncio.Queue[Pending] = asyncio.Queue(cfg.ledger.hold_max)
         self.publisher = None
         self.mqtt = None
         self.status = None
@@ -129,6 +129,8 @@ class Agent:
         self.stats_file: Path | None = None
         """Where each stats report (the last at exit) is written as JSON, with the cumulative
         lateness histogram (bins: LATENESS_EDGES_MS)."""
+        self.kernels = KernelWorker()
+        """The energy kernels, in a process of their own (no numba or LLVM in this one)."""
         self.trackers: dict[str, MachineTracker] = {}
         self.by_meter: dict[str, MachineTracker] = {}
         self.by_cnc: dict[str, MachineTracker] = {}
@@ -160,7 +162,7 @@ class Agent:
                 rollover_kwh=profile.counter_rollover_kwh(), max_power_w=profile.max_power_w or 0.0,
                 lookback_s=(m.max_gap_s or 5 * meter.poll_interval_s) + 4 * cfg.cnc(m.cnc).interval_s,
                 counter_step_kwh=profile.counter_step_kwh(), counter_float32=profile.counter_is_float32(),
-                stale_min_s=max(60.0, 5 * meter.poll_interval_s),
+                stale_min_s=max(60.0, 5 * meter.poll_interval_s), compute=None,
                 interval_s=m.interval_s, outage_close_s=m.outage_close_s,
                 on_finished=self._finished, on_ending=self._read_soon(meter.id),
             )
@@ -335,15 +337,16 @@ class Agent:
                 log.info("ledger accepts records again")
             return rec
 
-    def _finished(self, span: Finished) -> None:
+    def _finished(self, pending: Pending) -> None:
         try:
-            self.finished.put_nowait(span)
+            self.finished.put_nowait(pending)
         except asyncio.QueueFull:
             # The ledger has refused records for so long that hold_max spans wait in memory:
             # stop rather than drop. Open spans stay in their checkpoints; this one is logged whole.
+            e = pending.ending
             log.critical("ledger.hold_max (%d) finished jobs and intervals held in memory while the ledger refuses "
-                         "writes; stopping so that nothing more is lost. Not stored: %s %s ..%s %.6f kWh",
-                         self.finished.maxsize, span.machine, _name(span), span.end_wall, span.energy.kwh)
+                         "writes; stopping so that nothing more is lost. Not stored: %s %s %s..%s", self.finished.maxsize,
+                         pending.machine, e.info.key if e.info else f"{e.kind} interval", e.start_wall, e.end_wall)
             self.fatal = "ledger refuses writes and the hold is full"
             if self._stop is not None:
                 self._stop.set()
@@ -408,9 +411,14 @@ class Agent:
 
     async def _recorder(self) -> None:
         archive = self.archive
+        loop = asyncio.get_running_loop()
         while True:
-            span = await self.finished.get()
+            pending = await self.finished.get()
             try:
+                # The energy comes from the kernel worker, off the event loop; spans are
+                # computed and stored one at a time, so each machine's chain keeps their order.
+                energy = await loop.run_in_executor(None, self.kernels.compute_job, *pending.inputs.args())
+                span = pending.finish(energy)
                 rec = await self._store(span)
             finally:
                 self.finished.task_done()
@@ -429,9 +437,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        await loop.run_in_executor(None, energy.warm_up)
-        log.info("kernels ready in %.2f s", time.monotonic() - t0)
+        # The kernels load in their own process while the agent starts polling (a span's
+        # energy is first needed when one ends; that call waits for them if it must).
+        self.kernels.start()
+        loading = loop.run_in_executor(None, self.kernels.wait_ready)
         await self.ledger.open()
         await self._restore()
         self._stop = stop
@@ -504,6 +513,8 @@ class Agent:
             if self.mqtt is not None:
                 await self.mqtt.close()
             await self.ledger.close()
+            loading.cancel()
+            await asyncio.to_thread(self.kernels.close)
 
     async def _run_publisher(self, stop: asyncio.Event) -> None:
         assert self.mqtt is not None and self.publisher is not None

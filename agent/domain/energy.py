@@ -116,27 +116,17 @@ class JobInputs:
                 self.rollover_kwh, self.max_power_w)
 
 
-_capture_failed = False
 
 
 def capture(t: ArrayLike, e: ArrayLike, p: ArrayLike, st_t: ArrayLike, st_s: ArrayLike, t0: float, t1: float,
             max_gap_s: float, rollover_kwh: float, max_power_w: float,
-            bad_times: Iterable[float], flags: Iterable[str]) -> JobInputs | None:
-    """Copy the kernel's inputs (the tracker's buffers are reused); None if that fails, which
-    is logged once and leaves the job and its record untouched."""
-    global _capture_failed
-    try:
-        bad = np.array([b for b in bad_times if t0 <= b <= t1], np.float64)
-        return JobInputs(np.array(t, np.float64), np.array(e, np.float64), np.array(p, np.float64),
-                         np.array(st_t, np.float64), np.array(st_s, np.uint8), float(t0), float(t1),
-                         float(max_gap_s), float(rollover_kwh), float(max_power_w), bad, tuple(sorted(flags)))
-    except (ValueError, TypeError, MemoryError) as exc:  # the archive must never cost a record
-        if not _capture_failed:
-            log.error("cannot copy a job's kernel inputs for the archive (%s); its record is kept, its "
-                      "archive frame is not", exc)
-            _capture_failed = True
-        return None
-
+            bad_times: Iterable[float], flags: Iterable[str]) -> JobInputs:
+    """A copy of the kernel's inputs for one span (the tracker's buffers are reused): what its
+    energy is computed from, and what the raw-sample archive keeps."""
+    bad = np.array([b for b in bad_times if t0 <= b <= t1], np.float64)
+    return JobInputs(np.array(t, np.float64), np.array(e, np.float64), np.array(p, np.float64),
+                     np.array(st_t, np.float64), np.array(st_s, np.uint8), float(t0), float(t1),
+                     float(max_gap_s), float(rollover_kwh), float(max_power_w), bad, tuple(sorted(flags)))
 
 
 def _column(name: str, x: ArrayLike, dtype: DTypeLike) -> np.ndarray:

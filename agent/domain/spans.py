@@ -88,3 +88,17 @@ class FinishedInterval:
 
 
 Finished = FinishedJob | FinishedInterval
+
+
+def span_flags(own: tuple[str, ...] | set[str], energy: JobEnergy) -> tuple[str, ...]:
+    """A span's flags: its own (gathered while it ran) and those its energy implies."""
+    flags = set(own)
+    if energy.counter_resets:
+        flags.add("counter_reset")
+    if energy.counter_jumps:
+        flags.add("counter_jump")
+    if energy.estimated_kwh > 0:
+        flags.add("estimated_energy")
+    if energy.coverage < 1.0:
+        flags.add("incomplete_coverage")
+    return tuple(sorted(flags))

@@ -59,7 +59,7 @@ import numpy as np
 from energy_agent.core import states
 from energy_agent.core.reading import USABLE_REASONS, Reading
 from energy_agent.core.states import MachineRules
-from energy_agent.domain.energy import capture, compute_job
+from energy_agent.domain.energy import JobEnergy, JobInputs, capture, compute_job
 from energy_agent.domain.samples import SampleBuffer, StateTimeline
 from energy_agent.domain.spans import (
     AGENT_START,
@@ -70,6 +70,7 @@ from energy_agent.domain.spans import (
     FinishedInterval,
     FinishedJob,
     JobInfo,
+    span_flags,
 )
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,27 @@ class _Outage:
     """The outage outlasted ``outage_close_s``: what was open has been ended at ``t``."""
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A finished span whose energy is still to be computed from ``inputs``."""
+
+    machine: str
+    ending: _Ending
+    inputs: JobInputs
+    samples: int
+    bad_samples: int
+    median_interval_s: float | None
+
+    def finish(self, energy: JobEnergy) -> Finished:
+        """The finished job or interval with ``energy`` (``compute_job(*self.inputs.args())``)."""
+        e, flags = self.ending, span_flags(self.inputs.flags, energy)
+        if e.info is not None:
+            return FinishedJob(self.machine, e.info, e.end, e.end_wall, e.reason or "", e.parts, energy, self.samples,
+                               self.bad_samples, self.median_interval_s, flags, self.inputs, e.end_basis, e.end_note)
+        return FinishedInterval(self.machine, e.kind, e.reason, e.start, e.start_wall, e.end, e.end_wall, e.parts,
+                                energy, self.samples, self.bad_samples, self.median_interval_s, flags, self.inputs)
+
+
 class MachineTracker:
     def __init__(self, machine_id: str, rules: MachineRules, *, programs: dict[str, Any] | None = None,
                  standby_below_w: float | None = None, off_below_w: float | None = None,
@@ -147,7 +169,8 @@ class MachineTracker:
                  max_power_w: float = 0.0, lookback_s: float | None = None,
                  interval_s: float = 3600.0, outage_close_s: float = 900.0,
                  counter_step_kwh: float = 0.0, counter_float32: bool = False, stale_min_s: float = 60.0,
-                 on_finished: Callable[[Finished], None], on_ending: Callable[[], None] | None = None):
+                 compute: Callable[..., JobEnergy] | None = compute_job,
+                 on_finished: Callable[[Any], None], on_ending: Callable[[], None] | None = None):
         self.machine = machine_id
         self.rules = rules
         self.programs = programs or {}
@@ -165,7 +188,13 @@ class MachineTracker:
         self.counter_step_kwh = counter_step_kwh
         self.counter_float32 = counter_float32
         self.stale_min_s = stale_min_s
+        self.compute = compute
+        """``energy.compute_job`` (or a stand-in with its signature): ``on_finished`` gets each
+        finished span with its energy. None: ``on_finished`` gets a :class:`Pending` span and
+        computes its energy itself (the agent does, off its event loop)."""
         self.on_finished = on_finished
+        """Gets each finished span: a :class:`FinishedJob` or :class:`FinishedInterval`, or a
+        :class:`Pending` one when ``compute`` is None."""
         self.on_ending = on_ending
         """Called when a span has ended and waits for a meter sample after its end: the agent
         reads the meter at once instead of waiting up to a poll interval for its next tick."""
@@ -702,38 +731,28 @@ class MachineTracker:
             self.ending.remove(e)
             if last < e.end:
                 e.flags.add("no_meter_sample_after_end")
-            self.on_finished(self._compute(e))
+            pending = self._pending(e)
+            if self.compute is None:
+                self.on_finished(pending)
+            else:
+                self.on_finished(pending.finish(self.compute(*pending.inputs.args())))
         self._trim()
 
-    def _compute(self, e: _Ending) -> Finished:
+    def _pending(self, e: _Ending) -> Pending:
+        """The span with a copy of what its energy is computed from (the buffers are reused)."""
         t, en, p = self.samples.view()
         st_t, st_s = self.timeline.view()
         if len(st_t) == 0:
             st_t, st_s = np.array([e.start]), np.array([states.code("ready")], np.uint8)
-        energy = compute_job(t, en, p, st_t, st_s, e.start, e.end, self.max_gap_s, self.rollover_kwh,
-                             self.max_power_w)
         lo, hi = np.searchsorted(t, e.start, "left"), np.searchsorted(t, e.end, "right")
         inside = t[lo:hi]
         median = float(np.median(np.diff(inside))) if len(inside) > 1 else None
         bad = sum(1 for b in self.bad_times if e.start <= b <= e.end)
         own = e.info.flags if e.info is not None else e.flags
         own |= e.flags
-        if energy.counter_resets:  # in the span's own flags: archived, so a replay agrees
-            own.add("counter_reset")
-        if energy.counter_jumps:
-            own.add("counter_jump")
-        flags = set(own)
-        if energy.estimated_kwh > 0:
-            flags.add("estimated_energy")
-        if energy.coverage < 1.0:
-            flags.add("incomplete_coverage")
         inputs = capture(t, en, p, st_t, st_s, e.start, e.end, self.max_gap_s, self.rollover_kwh,
                          self.max_power_w, self.bad_times, own)
-        if e.info is not None:
-            return FinishedJob(self.machine, e.info, e.end, e.end_wall, e.reason or "", e.parts, energy,
-                               int(hi - lo), bad, median, tuple(sorted(flags)), inputs, e.end_basis, e.end_note)
-        return FinishedInterval(self.machine, e.kind, e.reason, e.start, e.start_wall, e.end, e.end_wall, e.parts,
-                                energy, int(hi - lo), bad, median, tuple(sorted(flags)), inputs)
+        return Pending(self.machine, e, inputs, int(hi - lo), bad, median)
 
     def _oldest_start(self) -> float | None:
         starts = [e.start for e in self.ending]

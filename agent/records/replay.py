@@ -30,7 +30,7 @@ import numpy as np
 from energy_agent.core.errors import RecordError
 from energy_agent.core.record import IntervalRecord, JobRecord, JobRecordV1, Record, canonical_json
 from energy_agent.domain.energy import JobEnergy, compute_job
-from energy_agent.domain.spans import Finished, FinishedInterval, FinishedJob, JobInfo
+from energy_agent.domain.spans import Finished, FinishedInterval, FinishedJob, JobInfo, span_flags
 from energy_agent.records import archive, record
 
 MISSING = "(missing)"
@@ -120,18 +120,13 @@ def _text(v: Any) -> str:
 
 
 def _window(frame: archive.Frame, energy: JobEnergy) -> tuple[int, float | None, tuple[str, ...]]:
-    """Samples in the window, their median interval and the span's flags, as
-    ``MachineTracker._compute`` derives them from the same inputs."""
+    """Samples in the window, their median interval and the span's flags, as the tracker
+    derives them from the same inputs."""
     x = frame.inputs
     lo, hi = np.searchsorted(x.t, x.t0, "left"), np.searchsorted(x.t, x.t1, "right")
     inside = x.t[lo:hi]
     median = float(np.median(np.diff(inside))) if len(inside) > 1 else None
-    flags = set(x.flags)
-    if energy.estimated_kwh > 0:
-        flags.add("estimated_energy")
-    if energy.coverage < 1.0:
-        flags.add("incomplete_coverage")
-    return int(hi - lo), median, tuple(sorted(flags))
+    return int(hi - lo), median, span_flags(x.flags, energy)
 
 
 def finished(frame: archive.Frame, rec: JobRecord | IntervalRecord, energy: JobEnergy) -> Finished:
