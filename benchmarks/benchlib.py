@@ -148,15 +148,15 @@ def log_has(log: Path, text: str) -> bool:
         return False
 
 
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z ")
 
 
 def stamp_of(line: str) -> float:
-    """Epoch seconds of an agent log line (its asctime, local time, 1 ms resolution)."""
+    """Epoch seconds of an agent log line (UTC, 1 ms resolution)."""
     m = STAMP.match(line)
     if not m:
         raise ValueError(f"no timestamp in {line!r}")
-    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
 
 
 def percentile_from_hist(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
@@ -201,9 +201,9 @@ def pyspy_report(raw: Path, top: int = 20) -> str:
 
 
 GROUPS = ("pymodbus/", "asyncua/", "asyncio/", "numpy/", "numba/", "drivers/modbus.py", "drivers/opcua.py",
-          "drivers/profile.py", "agent/runtime.py", "agent/machine.py", "agent/samples.py", "agent/energy.py",
-          "agent/ledger.py", "agent/archive.py", "agent/bridge.py", "agent/influx.py", "agent/mqtt.py", "paho/",
-          "urllib/", "http/", "json/", "logging/", "selectors.py")
+          "drivers/profile.py", "app/runtime.py", "domain/tracker.py", "domain/samples.py", "domain/energy.py",
+          "records/ledger.py", "records/archive.py", "bridge/bridge.py", "bridge/influx.py", "delivery/mqtt.py",
+          "paho/", "urllib/", "http/", "json/", "logging/", "selectors.py")
 
 
 # ------------------------------------------------------------------------------ the plant

@@ -1,7 +1,8 @@
 """The agent process: drivers, trackers, ledger and publisher on one asyncio loop.
 
-Start-up order matters: the energy kernels are compiled (or loaded from cache) in a worker
-thread before the first poll, the ledger is opened, then device tasks start. Every task is
+Start-up: the kernel worker process is spawned (it loads the energy kernels from numba's
+cache while the agent goes on), the ledger is opened, open spans are restored from their
+checkpoints, then device tasks start. Every task is
 kept referenced and cancelled on shutdown; a device that fails is logged once per outage and
 becomes a data-quality flag on its jobs, never a crash of the agent.
 """
